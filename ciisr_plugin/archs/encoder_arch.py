@@ -1,0 +1,167 @@
+"""Latent-grid encoders: CNN backbones with their upsampling tail removed.
+
+Every encoder returns a feature map at the LR resolution and exposes ``out_channels``.
+``forward(x, return_mid=True)`` additionally returns a mid-layer feature (LIIF-GAN's
+decoder 1 reads it); ``mid_layer`` says which block's output that is.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from basicsr.archs.arch_util import ResidualBlockNoBN
+from basicsr.utils.registry import ARCH_REGISTRY
+
+
+def _check_mid_layer(mid_layer, num_blocks, name):
+    if mid_layer is None:
+        return num_blocks // 2
+    if not 1 <= mid_layer <= num_blocks:
+        raise ValueError(f'{name}: mid_layer must be in [1, {num_blocks}] (blocks), got {mid_layer}')
+    return mid_layer
+
+
+@ARCH_REGISTRY.register()
+class EDSREncoder(nn.Module):
+    """EDSR body without mean shift or upsampler, as used by LIIF.
+
+    Defaults are EDSR-baseline (16 blocks, 64 channels, res_scale 1); EDSR proper is
+    ``num_block=32, num_feat=256, res_scale=0.1``. The mid-layer feature is the body's
+    running feature after ``mid_layer`` residual blocks (default: half of them).
+    """
+
+    def __init__(self, num_in_ch=3, num_feat=64, num_block=16, res_scale=1.0, mid_layer=None):
+        super().__init__()
+        self.out_channels = num_feat
+        self.mid_layer = _check_mid_layer(mid_layer, num_block, 'EDSREncoder')
+        self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, 1, 1)
+        self.body = nn.ModuleList(
+            [ResidualBlockNoBN(num_feat=num_feat, res_scale=res_scale, pytorch_init=True) for _ in range(num_block)])
+        self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+
+    def forward(self, x, return_mid=False):
+        x = self.conv_first(x)
+        res, mid = x, None
+        for i, block in enumerate(self.body, start=1):
+            res = block(res)
+            if i == self.mid_layer:
+                mid = res
+        res = self.conv_after_body(res) + x
+        return (mid, res) if return_mid else res
+
+
+class _DenseLayer(nn.Module):
+    """conv-relu whose output is concatenated to its input (RDN's growth step)."""
+
+    def __init__(self, in_ch, growth, kernel_size):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, growth, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x):
+        return torch.cat([x, F.relu(self.conv(x))], dim=1)
+
+
+class _ResidualDenseBlock(nn.Module):
+    def __init__(self, num_feat, growth, num_layers, kernel_size):
+        super().__init__()
+        self.layers = nn.Sequential(
+            *[_DenseLayer(num_feat + i * growth, growth, kernel_size) for i in range(num_layers)])
+        self.fuse = nn.Conv2d(num_feat + num_layers * growth, num_feat, 1)  # local feature fusion
+
+    def forward(self, x):
+        return self.fuse(self.layers(x)) + x
+
+
+@ARCH_REGISTRY.register()
+class RDNEncoder(nn.Module):
+    """Residual Dense Network (Zhang et al., CVPR'18) without upsampler, as used by LIIF.
+
+    ``config``: 'A' = 20 blocks x 6 layers x growth 32, 'B' = 16 x 8 x 64 (LIIF's choice).
+    The mid-layer feature is the output of dense block ``mid_layer``.
+    """
+    CONFIGS = {'A': (20, 6, 32), 'B': (16, 8, 64)}
+
+    def __init__(self, num_in_ch=3, num_feat=64, config='B', kernel_size=3, mid_layer=None):
+        super().__init__()
+        if config not in self.CONFIGS:
+            raise ValueError(f"RDNEncoder: config must be one of {sorted(self.CONFIGS)}, got '{config}'")
+        num_blocks, num_layers, growth = self.CONFIGS[config]
+        self.out_channels = num_feat
+        self.mid_layer = _check_mid_layer(mid_layer, num_blocks, 'RDNEncoder')
+        pad = kernel_size // 2
+        self.conv_shallow1 = nn.Conv2d(num_in_ch, num_feat, kernel_size, padding=pad)
+        self.conv_shallow2 = nn.Conv2d(num_feat, num_feat, kernel_size, padding=pad)
+        self.blocks = nn.ModuleList(
+            [_ResidualDenseBlock(num_feat, growth, num_layers, kernel_size) for _ in range(num_blocks)])
+        # global feature fusion: 1x1 over all block outputs, then a 3x3
+        self.fuse_global = nn.Conv2d(num_blocks * num_feat, num_feat, 1)
+        self.conv_after_fuse = nn.Conv2d(num_feat, num_feat, kernel_size, padding=pad)
+
+    def forward(self, x, return_mid=False):
+        shallow = self.conv_shallow1(x)
+        x = self.conv_shallow2(shallow)
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        feat = self.conv_after_fuse(self.fuse_global(torch.cat(outs, dim=1))) + shallow
+        return (outs[self.mid_layer - 1], feat) if return_mid else feat
+
+
+def _normalise_like(net, x):
+    """EDSR/RCAN/SwinIR subtract their dataset mean and scale by img_range first."""
+    net.mean = net.mean.type_as(x)
+    return (x - net.mean) * net.img_range
+
+
+def _edsr_like_features(net, x):  # EDSR, RCAN: conv_first -> body -> conv_after_body, global skip
+    x = net.conv_first(_normalise_like(net, x))
+    return net.conv_after_body(net.body(x)) + x
+
+
+def _rrdb_features(net, x):
+    feat = net.conv_first(x)
+    return feat + net.conv_body(net.body(feat))
+
+
+def _swinir_features(net, x):
+    h, w = x.shape[2:]
+    x = net.check_image_size(x)
+    x = net.conv_first(_normalise_like(net, x))
+    x = net.conv_after_body(net.forward_features(x)) + x
+    return x[:, :, :h, :w]
+
+
+# arch type -> (features function, option key holding the channel count)
+_BASICSR_FEATURES = {
+    'EDSR': (_edsr_like_features, 'num_feat'),
+    'RCAN': (_edsr_like_features, 'num_feat'),
+    'RRDBNet': (_rrdb_features, 'num_feat'),
+    'SwinIR': (_swinir_features, 'embed_dim'),
+}
+_DEFAULT_CHANNELS = {'num_feat': 64, 'embed_dim': 96}
+
+
+@ARCH_REGISTRY.register()
+class BasicSREncoder(nn.Module):
+    """Use one of BasicSR's own SR archs as a LIIF encoder, upsampling tail removed.
+
+    ``arch`` is the BasicSR type (EDSR, RCAN, RRDBNet, SwinIR); other options go to it
+    unchanged, so a pretrained BasicSR checkpoint's ``network_g`` section fits as is. The
+    upsampler's weights stay in the module (so such checkpoints load) but never run.
+    """
+
+    def __init__(self, arch, **arch_opt):
+        super().__init__()
+        if arch not in _BASICSR_FEATURES:
+            raise ValueError(f"BasicSREncoder: arch '{arch}' is not supported as an encoder; "
+                             f'choose one of {sorted(_BASICSR_FEATURES)}')
+        from basicsr.archs import build_network
+        if arch == 'RRDBNet':
+            arch_opt.setdefault('scale', 4)  # scale 1/2 would pixel-unshuffle the input first
+        self.arch = arch
+        self.net = build_network({'type': arch, **arch_opt})
+        self._features, key = _BASICSR_FEATURES[arch]
+        self.out_channels = arch_opt.get(key, _DEFAULT_CHANNELS[key])
+
+    def forward(self, x):
+        return self._features(self.net, x)

@@ -1,0 +1,265 @@
+"""The implicit-query engine shared by every model family (LIIF, A-LIIF, LIIF-GAN).
+
+A local implicit image function predicts the value at a continuous coordinate from the
+nearest latent code, the offset to that code and the size of the queried cell. This
+module owns everything about *where* to look:
+
+* :func:`make_coord` - pixel-centre coordinates, computed bit-for-bit as the LIIF
+  authors do (queries that sit exactly on a latent centre depend on the last bits);
+* :func:`lookup_latents` - nearest-latent index, relative coordinate, relative cell and
+  local-ensemble weight for each query, for all four ensemble shifts at once;
+* :func:`decode_lookup` - gathers the latent rows, runs a decoder on all shifts as one
+  batch and blends the predictions;
+* :class:`ImplicitSRNet` - the encoder / normalisation / chunked-upscale scaffolding the
+  concrete archs inherit.
+
+Decoders only say *what* to compute. They split their first layer in two: the part that
+reads the (unfolded) latent runs once per latent on the LR grid as a convolution
+(:meth:`ImplicitDecoder.grid_features`), the part that reads the relative coordinate
+and cell runs per query (:meth:`ImplicitDecoder.decode`). This is the same linear
+algebra as the authors' per-query MLP, without ever materialising the 3x3-unfolded
+feature map.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from basicsr.archs import build_network
+
+# The authors nudge shifted queries off exact cell borders and keep them inside the image.
+_ENSEMBLE_EPS = 1e-6
+_CLAMP = 1 - 1e-6
+_AREA_EPS = 1e-9
+
+
+def coord_axis(n, device=None):
+    """Centres of ``n`` equal cells on [-1, 1] in float32, exactly as the authors' helper:
+    ``(-1 + r) + (2 * r) * i`` with ``r = 1 / n`` (a Python-float offset added to a float32
+    product). Any other formula is off by an ulp and flips border queries."""
+    r = 1 / n
+    return (-1 + r) + (2 * r) * torch.arange(n, device=device, dtype=torch.float32)
+
+
+def make_coord(shape, flatten=True, device=None):
+    """Pixel-centre coordinates of an ``(H, W)`` grid, ``(H, W, 2)`` or ``(H*W, 2)``, (row, col)."""
+    rows, cols = (coord_axis(n, device) for n in shape)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1)
+    return grid.view(-1, 2) if flatten else grid
+
+
+def make_cell(shape, num, device=None):
+    """Cell size ``(2/H, 2/W)`` of every one of ``num`` queries on an ``(H, W)`` grid."""
+    cell = torch.empty(num, 2, device=device, dtype=torch.float32)
+    cell[:, 0] = 2 / shape[0]
+    cell[:, 1] = 2 / shape[1]
+    return cell
+
+
+class LatentLookup(NamedTuple):
+    """Where each query reads the latent grid; leading dim = ensemble shift (4 or 1)."""
+    index: torch.Tensor  # (S, B, N) long, flat index into the h*w latents
+    rel_coord: torch.Tensor  # (S, B, N, 2) query - latent centre, in latent-cell units
+    rel_cell: torch.Tensor  # (S, B, N, 2) cell size in latent-cell units
+    weight: torch.Tensor  # (S, B, N) local-ensemble blend weight
+
+
+def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
+    """Nearest latents of each query for every ensemble shift.
+
+    Args:
+        coord: (B, N, 2) query coordinates in [-1, 1], (row, col).
+        cell: (B, N, 2) query cell sizes, or None.
+        grid_hw: (h, w) of the latent grid.
+        local_ensemble: blend the four surrounding latents (LIIF's local ensemble).
+    """
+    h, w = grid_hw
+    if local_ensemble:
+        # Half a latent cell in each direction; the order (-,-), (-,+), (+,-), (+,+) matters
+        # because each prediction is weighted by the area of its diagonal opposite.
+        shifts = [(vy * (2 / h / 2) + _ENSEMBLE_EPS, vx * (2 / w / 2) + _ENSEMBLE_EPS) for vy in (-1, 1)
+                  for vx in (-1, 1)]
+    else:
+        shifts = [(0, 0)]
+    b, n = coord.shape[:2]
+    shifted = torch.stack([torch.stack([coord[..., 0] + dy, coord[..., 1] + dx], dim=-1) for dy, dx in shifts])
+    shifted = shifted.clamp_(-_CLAMP, _CLAMP)  # (S, B, N, 2)
+
+    # Nearest latent: let grid_sample pick it, so ties resolve exactly as in the authors'
+    # code on every device. Sampling a (row, col) index map keeps values far below 2**24.
+    rows = torch.arange(h, device=coord.device, dtype=torch.float32).view(h, 1).expand(h, w)
+    cols = torch.arange(w, device=coord.device, dtype=torch.float32).view(1, w).expand(h, w)
+    index_map = torch.stack([rows, cols]).unsqueeze(0).expand(len(shifts) * b, 2, h, w)
+    picked = F.grid_sample(
+        index_map, shifted.view(len(shifts) * b, 1, n, 2).flip(-1), mode='nearest', align_corners=False)
+    picked = picked.view(len(shifts), b, 2, n).long()
+    row_idx, col_idx = picked[:, :, 0], picked[:, :, 1]
+
+    centre = torch.stack([coord_axis(h, coord.device)[row_idx], coord_axis(w, coord.device)[col_idx]], dim=-1)
+    rel_coord = coord.unsqueeze(0) - centre
+    rel_coord[..., 0] *= h
+    rel_coord[..., 1] *= w
+
+    if cell is not None:
+        rel_cell = cell.clone()
+        rel_cell[..., 0] *= h
+        rel_cell[..., 1] *= w
+        rel_cell = rel_cell.unsqueeze(0).expand(len(shifts), b, n, 2)
+    else:
+        rel_cell = None
+
+    area = (rel_coord[..., 0] * rel_coord[..., 1]).abs() + _AREA_EPS
+    weight = area.flip(0) / area.sum(dim=0)  # flip(0) pairs each shift with its diagonal opposite
+    return LatentLookup(row_idx * w + col_idx, rel_coord, rel_cell, weight)
+
+
+def grid_to_rows(grid):
+    """(B, D, h, w) latent-grid features -> (B*h*w, D) rows, laid out once for gathering."""
+    return grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
+
+
+def gather_rows(rows, lookup, grid_hw):
+    """Latent rows of every (shift, batch, query) of ``lookup``: (S*B*N, D)."""
+    s, b, n = lookup.index.shape
+    offset = torch.arange(b, device=rows.device).view(1, b, 1) * (grid_hw[0] * grid_hw[1])
+    return rows.index_select(0, (lookup.index + offset).view(-1))
+
+
+def decode_lookup(decoder, rows, lookup, grid_hw, cell_decode=True):
+    """Run ``decoder`` on every shift of ``lookup`` as one batch and blend: (B, N, out)."""
+    s, b, n = lookup.index.shape
+    rel_cell = lookup.rel_cell.reshape(-1, 2) if (cell_decode and lookup.rel_cell is not None) else None
+    pred = decoder.decode(gather_rows(rows, lookup, grid_hw), lookup.rel_coord.reshape(-1, 2), rel_cell)
+    pred = pred.view(s, b, n, -1)
+    out = pred[0] * lookup.weight[0].unsqueeze(-1)
+    for k in range(1, s):
+        out = out + pred[k] * lookup.weight[k].unsqueeze(-1)
+    return out
+
+
+class ImplicitDecoder(nn.Module):
+    """Interface of a decoder the engine can drive.
+
+    ``grid_features(feat)`` -> (B, D, h, w): everything that depends only on the latent
+    (and its 3x3 neighbourhood when ``unfold``), computed once on the LR grid.
+    ``decode(rows, rel_coord, rel_cell)`` -> (M, out): the rest, per query.
+    """
+
+    def grid_features(self, feat):
+        raise NotImplementedError
+
+    def decode(self, rows, rel_coord, rel_cell):
+        raise NotImplementedError
+
+
+def split_first_linear(weight, in_channels, unfold):
+    """Split a first Linear over ``[unfolded latent, rel_coord, rel_cell]`` into a conv
+    kernel for the latent part and a matrix for the rest. ``F.unfold`` orders the latent
+    inputs channel-major then (ky, kx), which is exactly a conv kernel's layout."""
+    k = 3 if unfold else 1
+    latent_dim = in_channels * k * k
+    conv_weight = weight[:, :latent_dim].reshape(weight.shape[0], in_channels, k, k)
+    return conv_weight, weight[:, latent_dim:]
+
+
+def latent_conv(feat, weight, bias, unfold):
+    """The latent part of a first Linear, applied to the whole LR grid at once."""
+    return F.conv2d(feat, weight, bias, padding=1 if unfold else 0)
+
+
+def build_encoder(encoder_opt):
+    """Any registered arch can be an encoder; it must expose ``out_channels``."""
+    encoder = build_network(encoder_opt)
+    if not hasattr(encoder, 'out_channels'):
+        raise ValueError(f"encoder type '{encoder_opt.get('type')}' has no 'out_channels'; LIIF-style models need "
+                         'an encoder without upsampling tail (e.g. EDSREncoder, RDNEncoder, BasicSREncoder)')
+    return encoder
+
+
+def _as_channel_tensor(value):
+    return torch.tensor(value if isinstance(value, (list, tuple)) else [value], dtype=torch.float32).view(1, -1, 1, 1)
+
+
+class ImplicitSRNet(nn.Module):
+    """Scaffolding shared by every implicit SR arch.
+
+    Subclasses implement :meth:`prepare` (latent grid -> whatever the queries read) and
+    :meth:`query_prepared` (queries -> normalised RGB). Inputs and outputs are [0, 1]
+    images, BasicSR's convention; the authors' ``(x - mean) / std`` normalisation is applied
+    inside.
+
+    Query contract: ``net(lq, coord, cell) -> (B, N, 3)`` with ``coord``/``cell`` (B, N, 2)
+    in (row, col) order; ``net.upscale(lq, size=(H, W)) -> (B, 3, H, W)``.
+    """
+
+    def __init__(self, encoder, local_ensemble=True, feat_unfold=True, cell_decode=True, data_mean=0.5,
+                 data_std=0.5, chunk_size=65536):
+        super().__init__()
+        self.encoder = build_encoder(encoder)
+        self.local_ensemble = local_ensemble
+        self.feat_unfold = feat_unfold
+        self.cell_decode = cell_decode
+        self.chunk_size = chunk_size
+        self.register_buffer('data_mean', _as_channel_tensor(data_mean), persistent=False)
+        self.register_buffer('data_std', _as_channel_tensor(data_std), persistent=False)
+
+    @property
+    def decoder_in_channels(self):
+        """Latent channels a decoder sees per query (before rel_coord / rel_cell)."""
+        return self.encoder.out_channels * (9 if self.feat_unfold else 1)
+
+    @property
+    def decoder_extra_channels(self):
+        return 2 + (2 if self.cell_decode else 0)
+
+    def encode(self, lq):
+        return self.encoder((lq - self.data_mean) / self.data_std)
+
+    def prepare(self, feat):
+        raise NotImplementedError
+
+    def query_prepared(self, prepared, coord, cell):
+        raise NotImplementedError
+
+    def denormalise(self, out):
+        return out * self.data_std.view(1, 1, -1) + self.data_mean.view(1, 1, -1)
+
+    def forward(self, lq, coord, cell=None):
+        prepared = self.prepare(self.encode(lq))
+        return self.denormalise(self.query_prepared(prepared, coord, cell))
+
+    def query(self, lq, coord, cell=None, chunk_size=None):
+        """``forward`` with the queries processed ``chunk_size`` at a time (inference)."""
+        chunk = chunk_size or self.chunk_size
+        prepared = self.prepare(self.encode(lq))
+        outs = [
+            self.denormalise(self.query_prepared(prepared, coord[:, i:i + chunk], None if cell is None else
+                                                 cell[:, i:i + chunk])) for i in range(0, coord.shape[1], chunk)
+        ]
+        return torch.cat(outs, dim=1)
+
+    def upscale(self, lq, size, chunk_size=None):
+        """Render a (B, 3, H, W) image of any size. Queries are generated and decoded a band
+        of rows at a time, so memory beyond the output is bounded by ``chunk_size``."""
+        out_h, out_w = int(size[0]), int(size[1])
+        if out_h <= 0 or out_w <= 0:
+            raise ValueError(f'upscale: output size must be positive, got {out_h}x{out_w}')
+        b = lq.shape[0]
+        prepared = self.prepare(self.encode(lq))
+        rows_axis = coord_axis(out_h, lq.device)
+        cols_axis = coord_axis(out_w, lq.device)
+        band = max(1, (chunk_size or self.chunk_size) // out_w)
+        out = None
+        for r0 in range(0, out_h, band):
+            r1 = min(out_h, r0 + band)
+            coord = torch.stack(torch.meshgrid(rows_axis[r0:r1], cols_axis, indexing='ij'), dim=-1).view(1, -1, 2)
+            coord = coord.expand(b, -1, -1)
+            cell = make_cell((out_h, out_w), coord.shape[1], lq.device).unsqueeze(0).expand(b, -1, -1)
+            pred = self.denormalise(self.query_prepared(prepared, coord, cell))
+            if out is None:
+                out = pred.new_empty(b, pred.shape[-1], out_h, out_w)
+            out[:, :, r0:r1] = pred.view(b, r1 - r0, out_w, -1).permute(0, 3, 1, 2)
+        return out
+

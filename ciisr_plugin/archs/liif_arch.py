@@ -1,0 +1,69 @@
+"""LIIF: Local Implicit Image Function (Chen, Liu & Wang, CVPR 2021)."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from basicsr.utils.registry import ARCH_REGISTRY
+from .implicit_query import (ImplicitDecoder, ImplicitSRNet, decode_lookup, grid_to_rows, latent_conv,
+                             lookup_latents, split_first_linear)
+
+
+class MLPDecoder(ImplicitDecoder):
+    """LIIF's MLP ``[latent, rel_coord, rel_cell] -> hidden... -> out`` (ReLU between layers).
+
+    Parameters are stored as the authors' ``layers`` Sequential of Linears, so their
+    weights load unchanged; the first Linear is evaluated in two parts (see
+    :mod:`implicit_query`).
+    """
+
+    def __init__(self, latent_channels, extra_channels, hidden_list=(256, 256, 256, 256), out_channels=3,
+                 unfold=True):
+        super().__init__()
+        self.latent_channels = latent_channels  # per latent, before unfolding
+        self.unfold = unfold
+        in_dim = latent_channels * (9 if unfold else 1) + extra_channels
+        layers = []
+        for hidden in hidden_list:
+            layers += [nn.Linear(in_dim, hidden), nn.ReLU()]
+            in_dim = hidden
+        layers.append(nn.Linear(in_dim, out_channels))
+        self.layers = nn.Sequential(*layers)
+
+    def grid_features(self, feat):
+        first = self.layers[0]
+        conv_weight, _ = split_first_linear(first.weight, self.latent_channels, self.unfold)
+        return latent_conv(feat, conv_weight, first.bias, self.unfold)
+
+    def decode(self, rows, rel_coord, rel_cell):
+        _, extra_weight = split_first_linear(self.layers[0].weight, self.latent_channels, self.unfold)
+        extra = rel_coord if rel_cell is None else torch.cat([rel_coord, rel_cell], dim=-1)
+        x = rows + F.linear(extra, extra_weight)
+        return self.layers[1:](x)
+
+
+@ARCH_REGISTRY.register()
+class LIIF(ImplicitSRNet):
+    """LIIF: encoder + one MLP queried at continuous coordinates.
+
+    Args:
+        encoder (dict): a registered encoder arch, e.g. ``{type: EDSREncoder}``.
+        hidden_list (list[int]): MLP widths; the paper uses 4 x 256.
+        local_ensemble, feat_unfold, cell_decode (bool): the paper's three design choices.
+        data_mean, data_std: input normalisation ``(x - mean) / std``, inverted on the output
+            (the authors' recipe is 0.5 / 0.5).
+        chunk_size (int): queries decoded at once by ``query``/``upscale``.
+    """
+
+    def __init__(self, encoder, hidden_list=(256, 256, 256, 256), local_ensemble=True, feat_unfold=True,
+                 cell_decode=True, data_mean=0.5, data_std=0.5, chunk_size=65536, out_channels=3):
+        super().__init__(encoder, local_ensemble, feat_unfold, cell_decode, data_mean, data_std, chunk_size)
+        self.decoder = MLPDecoder(self.encoder.out_channels, self.decoder_extra_channels, list(hidden_list),
+                                  out_channels, feat_unfold)
+
+    def prepare(self, feat):
+        return grid_to_rows(self.decoder.grid_features(feat)), feat.shape[-2:]
+
+    def query_prepared(self, prepared, coord, cell):
+        rows, grid_hw = prepared
+        lookup = lookup_latents(coord, cell, grid_hw, self.local_ensemble)
+        return decode_lookup(self.decoder, rows, lookup, grid_hw, self.cell_decode)

@@ -1,0 +1,267 @@
+"""Loading models from checkpoints: this plugin's self-describing ones and the authors'.
+
+Our checkpoints are BasicSR's (``params`` / ``params_ema``) plus ``network_g``, the arch
+options, so ``load_model(path)`` needs no YAML. The LIIF / A-LIIF authors' training
+checkpoints (``{'model': {'name', 'args', 'sd'}}``) are translated: their spec becomes our
+options and their state-dict keys are renamed to our modules. Anything that does not
+fit exactly is an error listing what is missing or unexpected - never a partial load.
+"""
+import copy
+import os
+import pickle
+import re
+
+import torch
+
+from basicsr.archs import build_network
+
+NETWORK_OPT_KEY = 'network_g'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be turned into a model; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reading files
+def read_checkpoint(path, allow_pickle=False):
+    """``torch.load`` a checkpoint on CPU, refusing arbitrary pickles unless ``allow_pickle``.
+
+    Checkpoints of this plugin and the authors' are plain tensors/dicts and load with
+    ``weights_only=True``; a file that needs arbitrary code to unpickle is refused with a
+    message saying so (pass ``allow_pickle=True`` only for files you trust).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such checkpoint file')
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f'{path}: checkpoint file is empty')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        if allow_pickle:
+            raise CheckpointError(f'{path}: not a readable torch checkpoint ({_first_line(err)})') from None
+        raise CheckpointError(f'{path}: refusing to unpickle arbitrary objects (weights_only load failed: '
+                              f'{_first_line(err)}); pass allow_pickle=True / --allow-pickle only if you '
+                              'trust this file') from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f'{path}: not a readable torch checkpoint ({_first_line(err)})') from None
+
+
+def _first_line(err):
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# the authors' format
+def _authors_encoder_opt(spec):
+    name, args = spec['name'], dict(spec.get('args', {}))
+    if not args.get('no_upsampling', False):
+        raise CheckpointError(f"authors' encoder '{name}' has an upsampling tail (no_upsampling is not set); "
+                              'LIIF encoders have none')
+    if name in ('edsr-baseline', 'edsr'):
+        defaults = (16, 64, 1.0) if name == 'edsr-baseline' else (32, 256, 0.1)
+        return {
+            'type': 'EDSREncoder',
+            'num_block': args.get('n_resblocks', defaults[0]),
+            'num_feat': args.get('n_feats', defaults[1]),
+            'res_scale': args.get('res_scale', defaults[2]),
+        }
+    if name == 'rdn':
+        return {
+            'type': 'RDNEncoder',
+            'num_feat': args.get('G0', 64),
+            'config': args.get('RDNconfig', 'B'),
+            'kernel_size': args.get('RDNkSize', 3),
+        }
+    raise CheckpointError(f"authors' encoder '{name}' is not supported (known: edsr-baseline, edsr, rdn)")
+
+
+def _authors_network_opt(model_spec):
+    """The authors' ``model`` spec -> our ``network_g`` options."""
+    if model_spec.get('name') != 'liif':
+        raise CheckpointError(f"authors' model '{model_spec.get('name')}' is not supported (known: liif)")
+    args = model_spec.get('args', {})
+    flags = {k: args.get(k, True) for k in ('local_ensemble', 'feat_unfold', 'cell_decode')}
+    encoder = _authors_encoder_opt(args['encoder_spec'])
+    imnet = args.get('imnet_spec')
+    if imnet is None:
+        raise CheckpointError("authors' LIIF without imnet (nearest-neighbour sampling) is not supported")
+    imnet_args = imnet.get('args', {})
+    if args.get('pdn_spec') is not None or imnet['name'] == 'mlp_pw':  # A-LIIF
+        pdn_args = args['pdn_spec'].get('args', {})
+        basis_args = args['basis_spec'].get('args', {})
+        return {
+            'type': 'ALIIF',
+            'encoder': encoder,
+            'num_basis': basis_args.get('basis_num', pdn_args.get('out_dim', 10)),
+            'basis_hidden': [basis_args.get('hidden', 16)] * len(imnet_args.get('hidden_list', [16] * 4)),
+            'expansion_hidden': list(pdn_args.get('hidden_list', [256] * 4)),
+            'coeff_norm': 'l2',
+            'out_channels': imnet_args.get('out_dim', 3),
+            **flags,
+        }
+    if imnet['name'] != 'mlp':
+        raise CheckpointError(f"authors' imnet '{imnet['name']}' is not supported (known: mlp, mlp_pw)")
+    return {
+        'type': 'LIIF',
+        'encoder': encoder,
+        'hidden_list': list(imnet_args.get('hidden_list', [256] * 4)),
+        'out_channels': imnet_args.get('out_dim', 3),
+        **flags,
+    }
+
+
+# (pattern, replacement) applied in order to the authors' state-dict keys; None drops the key.
+_EDSR_KEYS = [
+    (r'^encoder\.(sub_mean|add_mean)\..*', None),  # mean shift: stored but unused by their forward
+    (r'^encoder\.head\.0\.', 'encoder.conv_first.'),
+    (r'^encoder\.body\.(\d+)\.body\.0\.', r'encoder.body.\1.conv1.'),
+    (r'^encoder\.body\.(\d+)\.body\.2\.', r'encoder.body.\1.conv2.'),
+]
+_RDN_KEYS = [
+    (r'^encoder\.SFENet1\.', 'encoder.conv_shallow1.'),
+    (r'^encoder\.SFENet2\.', 'encoder.conv_shallow2.'),
+    (r'^encoder\.RDBs\.(\d+)\.convs\.(\d+)\.conv\.0\.', r'encoder.blocks.\1.layers.\2.conv.'),
+    (r'^encoder\.RDBs\.(\d+)\.LFF\.', r'encoder.blocks.\1.fuse.'),
+    (r'^encoder\.GFF\.0\.', 'encoder.fuse_global.'),
+    (r'^encoder\.GFF\.1\.', 'encoder.conv_after_fuse.'),
+]
+_DECODER_KEYS = [
+    (r'^imnet\.layers\.', 'decoder.layers.'),
+    (r'^pdn\.layers\.', 'expansion.layers.'),
+    (r'^basis\.w(\d+)$', r'basis.weight\1'),
+    # their biases are numbered 1..5 while the weights are 0..4; ours share one index
+    (r'^basis\.bias(\d+)$', lambda m: f'basis.bias{int(m.group(1)) - 1}'),
+]
+
+
+def _authors_state_dict(sd, network_opt):
+    rules = list(_DECODER_KEYS)
+    if network_opt['encoder']['type'] == 'EDSREncoder':
+        rules += _EDSR_KEYS
+        # the body's final conv is entry num_block of their Sequential
+        rules.append((rf'^encoder\.body\.{network_opt["encoder"]["num_block"]}\.', 'encoder.conv_after_body.'))
+    else:
+        rules += _RDN_KEYS
+    out = {}
+    for key, value in sd.items():
+        new_key = key
+        for pattern, repl in rules:
+            if re.match(pattern, new_key):
+                new_key = None if repl is None else re.sub(pattern, repl, new_key)
+                break
+        if new_key is not None:
+            out[new_key] = value
+    return out
+
+
+def convert_authors_checkpoint(ckpt):
+    """Authors' training checkpoint -> ``(network_opt, state_dict)`` in our naming."""
+    model_spec = ckpt['model']
+    network_opt = _authors_network_opt(model_spec)
+    return network_opt, _authors_state_dict(model_spec['sd'], network_opt)
+
+
+# ----------------------------------------------------------------------------------------------
+# ours
+def describe(network_opt, params, params_ema=None):
+    """A self-describing checkpoint: BasicSR's keys plus the arch options."""
+    ckpt = {'params': params, NETWORK_OPT_KEY: copy.deepcopy(dict(network_opt))}
+    if params_ema is not None:
+        ckpt['params_ema'] = params_ema
+    return ckpt
+
+
+def _to_plain(obj):
+    """OrderedDicts and friends from YAML -> plain dicts/lists (weights_only-loadable)."""
+    if isinstance(obj, dict):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def identify(ckpt, source='checkpoint'):
+    """``(network_opt, state_dict)`` of any supported checkpoint dict."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{source}: expected a dict checkpoint, got {type(ckpt).__name__}')
+    if isinstance(ckpt.get('model'), dict) and {'name', 'args', 'sd'} <= set(ckpt['model']):
+        try:
+            return convert_authors_checkpoint(ckpt)
+        except KeyError as err:
+            raise CheckpointError(f"{source}: authors' checkpoint lacks {err}") from None
+    if NETWORK_OPT_KEY in ckpt:
+        for key in ('params_ema', 'params'):
+            if isinstance(ckpt.get(key), dict):
+                return _to_plain(ckpt[NETWORK_OPT_KEY]), ckpt[key]
+        raise CheckpointError(f"{source}: has '{NETWORK_OPT_KEY}' but no 'params' / 'params_ema' state dict")
+    if 'params' in ckpt or 'params_ema' in ckpt:
+        raise CheckpointError(f"{source}: a BasicSR checkpoint without '{NETWORK_OPT_KEY}' options; build the "
+                              'network from its option file instead (path: pretrain_network_g)')
+    raise CheckpointError(f'{source}: unknown checkpoint format (top-level keys: {sorted(map(str, ckpt))[:8]})')
+
+
+def load_state_dict_exact(net, state_dict, source='checkpoint'):
+    """``load_state_dict`` that reports every missing / unexpected / mis-shaped key."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = sorted(f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in set(own) & set(state_dict)
+                    if tuple(own[k].shape) != tuple(state_dict[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', shapes)):
+            if keys:
+                parts.append(f'{label}: {", ".join(keys[:6])}' + (f' (+{len(keys) - 6} more)' if len(keys) > 6 else ''))
+        raise CheckpointError(f'{source}: does not fit {type(net).__name__}; ' + '; '.join(parts))
+    net.load_state_dict(state_dict, strict=True)
+
+
+def load_model(path_or_dict, device='cpu', allow_pickle=False):
+    """Build and load a model from a checkpoint path or an already-loaded dict.
+
+    Accepts this plugin's checkpoints (``params``/``params_ema`` + ``network_g``; EMA weights
+    preferred) and the LIIF / A-LIIF authors' training checkpoints. Returns the network in
+    eval mode on ``device``.
+    """
+    if isinstance(path_or_dict, (str, os.PathLike)):
+        source = os.fspath(path_or_dict)
+        ckpt = read_checkpoint(source, allow_pickle)
+    else:
+        source, ckpt = 'checkpoint', path_or_dict
+    network_opt, state_dict = identify(ckpt, source)
+    try:
+        net = build_network(network_opt)
+    except KeyError as err:
+        raise CheckpointError(f'{source}: {err.args[0] if err.args else err}') from None
+    load_state_dict_exact(net, state_dict, source)
+    net.network_opt = network_opt
+    return net.to(device).eval()
+
+
+def convert(src, dst, allow_pickle=False):
+    """Write ``src`` (any format :func:`load_model` reads) as our self-describing checkpoint,
+    usable as BasicSR's ``pretrain_network_g``. Written to a temporary name, then renamed."""
+    ckpt = read_checkpoint(src, allow_pickle)
+    network_opt, state_dict = identify(ckpt, src)
+    net = build_network(network_opt)
+    load_state_dict_exact(net, state_dict, src)  # validate before writing anything
+    save_atomic(describe(network_opt, net.state_dict()), dst)
+    return network_opt
+
+
+def save_atomic(obj, path):
+    """torch.save to ``path`` via a temporary file + fsync + rename: never a truncated file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
