@@ -124,8 +124,10 @@ def _rrdb_features(net, x):
 
 
 def _swinir_features(net, x):
+    # attention windows need sizes divisible by the window: reflect-pad, then crop back
     h, w = x.shape[2:]
-    x = net.check_image_size(x)
+    win = net.window_size_for_encoder
+    x = F.pad(x, (0, (-w) % win, 0, (-h) % win), mode='reflect')
     x = net.conv_first(_normalise_like(net, x))
     x = net.conv_after_body(net.forward_features(x)) + x
     return x[:, :, :h, :w]
@@ -160,6 +162,8 @@ class BasicSREncoder(nn.Module):
             arch_opt.setdefault('scale', 4)  # scale 1/2 would pixel-unshuffle the input first
         self.arch = arch
         self.net = build_network({'type': arch, **arch_opt})
+        if arch == 'SwinIR':
+            self.net.window_size_for_encoder = arch_opt.get('window_size', 7)
         self._features, key = _BASICSR_FEATURES[arch]
         self.out_channels = arch_opt.get(key, _DEFAULT_CHANNELS[key])
 

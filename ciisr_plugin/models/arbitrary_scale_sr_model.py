@@ -1,0 +1,226 @@
+"""Training and evaluation of implicit (arbitrary-scale) SR networks inside BasicSR."""
+import copy
+import math
+import os
+from collections import OrderedDict
+from os import path as osp
+
+import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+from tqdm import tqdm
+
+from basicsr.data import build_dataloader, build_dataset
+from basicsr.metrics import calculate_metric
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils.dist_util import master_only
+from basicsr.utils.registry import MODEL_REGISTRY
+
+from ciisr_plugin.checkpoint import NETWORK_OPT_KEY, _to_plain, save_atomic
+from ciisr_plugin.results import write_results_report
+
+# Metrics that follow the LIIF paper's float protocol take the float RGB tensors in [0, 1]
+# instead of BasicSR's quantised BGR uint8 images.
+FLOAT_METRICS = {'calculate_psnr_liif', 'calculate_lpips'}
+
+
+def scale_label(scale):
+    sh, sw = (float(s) for s in scale)
+    fmt = lambda v: f'{v:g}'  # noqa: E731
+    return f'x{fmt(sh)}' if sh == sw else f'x{fmt(sh)}x{fmt(sw)}'
+
+
+@MODEL_REGISTRY.register()
+class ArbitraryScaleSRModel(SRModel):
+    """SR model for networks queried at continuous coordinates (LIIF family).
+
+    Training batches carry ``lq``, ``coord``, ``cell`` and ``gt`` (``(B, Q, 3)`` sampled pixels,
+    or ``(B, 3, P, P)`` random-group patches, which also allow ``perceptual_opt``).
+    Evaluation renders the whole image with ``net.upscale`` (chunked queries) at the GT size.
+    A validation/test dataset may list several scales (``scales: [2, 3, 4, 3.5]``): it is
+    evaluated once per scale and reported as ``<name>_x<scale>``.
+    Saved checkpoints are self-describing: they carry ``network_g`` (see ``load_model``).
+    """
+
+    # ------------------------------------------------------------------ setup
+    def model_to_device(self, net):
+        """BasicSR 1.4.2 always passes CUDA device_ids to DDP; on CPU (gloo) there are none."""
+        net = net.to(self.device)
+        if self.opt['dist']:
+            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+            net = DistributedDataParallel(
+                net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False))
+        elif self.opt['num_gpu'] > 1:
+            net = DataParallel(net)
+        return net
+
+    # ------------------------------------------------------------------ data
+    def feed_data(self, data):
+        self.lq = data['lq'].to(self.device)
+        self.coord = data['coord'].to(self.device) if 'coord' in data else None
+        self.cell = data['cell'].to(self.device) if 'cell' in data else None
+        self.scale = data['scale'][0].tolist() if 'scale' in data else None
+        if 'gt' in data:
+            self.gt = data['gt'].to(self.device)
+
+    @staticmethod
+    def as_gt_layout(pred, gt):
+        """(B, Q, 3) predictions in the layout of ``gt``: sampled pixels or a (B, 3, P, P) patch."""
+        if gt.dim() == 4:
+            b, c, p, q = gt.shape
+            return pred.transpose(1, 2).reshape(b, c, p, q)
+        return pred
+
+    # ------------------------------------------------------------------ training
+    def optimize_parameters(self, current_iter):
+        self.optimizer_g.zero_grad()
+        self.output = self.as_gt_layout(self.net_g(self.lq, self.coord, self.cell), self.gt)
+
+        l_total = 0
+        loss_dict = OrderedDict()
+        if self.cri_pix:
+            l_pix = self.cri_pix(self.output, self.gt)
+            l_total += l_pix
+            loss_dict['l_pix'] = l_pix
+        if self.cri_perceptual:
+            if self.gt.dim() != 4:
+                raise ValueError('train.perceptual_opt needs image patches: set group_size in the train dataset '
+                                 '(random group sampling)')
+            l_percep, l_style = self.cri_perceptual(self.output, self.gt)
+            if l_percep is not None:
+                l_total += l_percep
+                loss_dict['l_percep'] = l_percep
+            if l_style is not None:
+                l_total += l_style
+                loss_dict['l_style'] = l_style
+
+        l_total.backward()
+        self.optimizer_g.step()
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    # ------------------------------------------------------------------ inference
+    def output_size(self):
+        if hasattr(self, 'gt') and self.gt is not None and self.gt.dim() == 4:
+            return tuple(self.gt.shape[-2:])
+        sh, sw = self.scale
+        return round(self.lq.shape[-2] * sh), round(self.lq.shape[-1] * sw)
+
+    def test(self):
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            self.output = net.upscale(self.lq, size=self.output_size(), chunk_size=self.opt['val'].get('chunk_size'))
+        net.train(was_training)
+
+    # ------------------------------------------------------------------ validation
+    def validation(self, dataloader, current_iter, tb_logger, save_img=False):
+        dataset_opt = dataloader.dataset.opt
+        scales = dataset_opt.get('scales')
+        if not scales:
+            return super().validation(dataloader, current_iter, tb_logger, save_img)
+        for scale in scales:
+            opt = copy.deepcopy(dataset_opt)
+            opt.pop('scales')
+            opt['scale'] = scale
+            opt['name'] = f"{dataset_opt['name']}_{scale_label(scale if isinstance(scale, list) else [scale] * 2)}"
+            loader = build_dataloader(build_dataset(opt), opt, num_gpu=self.opt['num_gpu'], dist=False, sampler=None,
+                                      seed=self.opt.get('manual_seed'))
+            super().validation(loader, current_iter, tb_logger, save_img)
+
+    def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        if self.opt['rank'] == 0:
+            self.nondist_validation(dataloader, current_iter, tb_logger, save_img)
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        dataset_name = dataloader.dataset.opt['name']
+        metrics_opt = self.opt['val'].get('metrics') or {}
+        if metrics_opt:
+            self._initialize_best_metric_results(dataset_name)
+        self.metric_results = {metric: 0.0 for metric in metrics_opt}
+        pbar = tqdm(total=len(dataloader), unit='image', desc=dataset_name) if self.opt['val'].get('pbar') else None
+
+        num = 0
+        for val_data in dataloader:
+            img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
+            self.gt = None
+            self.feed_data(val_data)
+            self.test()
+            sr = self.output.detach().clamp(0, 1).cpu()
+            sr_img = tensor2img([sr])
+            if self.gt is not None and metrics_opt:
+                gt = self.gt.detach().cpu()
+                uint8_data = {'img': sr_img, 'img2': tensor2img([gt])}
+                float_data = {'img': sr, 'img2': gt, 'scale': self.scale}
+                for name, metric_opt in metrics_opt.items():
+                    data = float_data if metric_opt['type'] in FLOAT_METRICS else uint8_data
+                    self.metric_results[name] += float(calculate_metric(data, metric_opt))
+            if save_img:
+                self._save_image(sr_img, img_name, dataset_name, current_iter)
+            num += 1
+            del self.lq, self.output, self.gt
+            if pbar:
+                pbar.update(1)
+        if pbar:
+            pbar.close()
+
+        if metrics_opt and num:
+            for metric in self.metric_results:
+                self.metric_results[metric] /= num
+                self._update_best_metric_result(dataset_name, metric, self.metric_results[metric], current_iter)
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+            if not self.opt['is_train']:
+                self._record_test_results(dataset_name, dataloader.dataset.opt)
+
+    def _save_image(self, img, img_name, dataset_name, current_iter):
+        if self.opt['is_train']:
+            path = osp.join(self.opt['path']['visualization'], img_name, f'{img_name}_{current_iter}.png')
+        else:
+            suffix = self.opt['val'].get('suffix') or self.opt['name']
+            path = osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{suffix}.png')
+        imwrite(img, path)
+
+    def _record_test_results(self, dataset_name, dataset_opt):
+        """Keep every test result and rewrite results/<name>/results.md and the plot."""
+        if not hasattr(self, 'test_results'):
+            self.test_results = []
+        scale = dataset_opt.get('scale')
+        self.test_results.append({
+            'dataset': dataset_opt.get('report_name', dataset_name.rsplit('_x', 1)[0]),
+            'scale': scale if isinstance(scale, (list, tuple)) else [scale, scale],
+            'metrics': dict(self.metric_results),
+        })
+        write_results_report(self.test_results, self.opt['path']['results_root'], self.opt['name'])
+
+    # ------------------------------------------------------------------ saving
+    def network_options(self):
+        return _to_plain(self.opt['network_g'])
+
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        """BasicSR's layout (``params`` / ``params_ema``) plus ``network_g`` for ``net_g``, written
+        atomically (temp file, fsync, rename) so a killed run never leaves a truncated file."""
+        label = 'latest' if current_iter == -1 else current_iter
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        ckpt = {}
+        for net_, key in zip(nets, keys):
+            state = self.get_bare_model(net_).state_dict()
+            ckpt[key] = OrderedDict((k[7:] if k.startswith('module.') else k, v.cpu()) for k, v in state.items())
+        if net_label == 'net_g':
+            ckpt[NETWORK_OPT_KEY] = self.network_options()
+        save_atomic(ckpt, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+
+    @master_only
+    def save_training_state(self, epoch, current_iter):
+        if current_iter == -1:
+            return
+        state = {
+            'epoch': epoch,
+            'iter': current_iter,
+            'optimizers': [o.state_dict() for o in self.optimizers],
+            'schedulers': [s.state_dict() for s in self.schedulers],
+        }
+        save_atomic(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))

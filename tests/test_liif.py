@@ -1,0 +1,182 @@
+"""LIIF is the authors' model: same weights -> same numbers (fixture), every flag, any size."""
+import copy
+
+import pytest
+import torch
+from basicsr.archs import build_network
+
+import ciisr_plugin
+from ciisr_plugin.archs.implicit_query import make_cell, make_coord
+from ciisr_plugin.checkpoint import CheckpointError, convert_authors_checkpoint, describe
+from literal_liif import literal_liif_forward
+
+TINY_EDSR = {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 2}
+TINY_RDN = {'type': 'RDNEncoder', 'num_feat': 8, 'config': 'A'}
+
+
+def queries(out_hw, b=1):
+    coord = make_coord(out_hw).unsqueeze(0).expand(b, -1, -1)
+    return coord, make_cell(out_hw, coord.shape[1]).unsqueeze(0).expand(b, -1, -1)
+
+
+def tiny_liif(encoder=TINY_EDSR, **flags):
+    torch.manual_seed(0)
+    net = build_network({'type': 'LIIF', 'encoder': encoder, 'hidden_list': [16, 16], **flags}).eval()
+    # biases are zero-initialised nowhere; perturb everything so no term can hide
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def test_authors_fixture_forward_and_upscale(authors_fixture):
+    d = authors_fixture('liif_edsr_baseline_x3.3.pt')
+    net = ciisr_plugin.load_model(d['checkpoint'])
+    with torch.no_grad():
+        out = net(d['lr'][None], d['coord'][None], d['cell'][None])[0]
+        up = net.upscale(d['lr'][None], size=d['out_hw'])[0]
+    assert (out - d['expected']).abs().max().item() <= 1e-4
+    assert tuple(up.shape[-2:]) == tuple(d['out_hw'])
+    assert (up.permute(1, 2, 0).reshape(-1, 3) - d['expected']).abs().max().item() <= 1e-4
+
+
+def test_upscale_grid_is_the_authors_grid(authors_fixture):
+    d = authors_fixture('liif_edsr_baseline_x3.3.pt')
+    assert torch.equal(make_coord(d['out_hw']), d['coord'])
+    assert torch.equal(make_cell(d['out_hw'], d['coord'].shape[0]), d['cell'])
+
+
+@pytest.mark.parametrize('flags', [
+    {},
+    {'feat_unfold': False},
+    {'local_ensemble': False},
+    {'cell_decode': False},
+    {'feat_unfold': False, 'local_ensemble': False, 'cell_decode': False},
+])
+def test_matches_literal_formulation_for_each_flag(flags):
+    net = tiny_liif(**flags)
+    lq = torch.rand(2, 3, 7, 9)
+    coord, cell = queries((23, 16), b=2)  # anisotropic, non-integer scales
+    with torch.no_grad():
+        fast = net(lq, coord, cell)
+        slow = literal_liif_forward(net, lq, coord, cell)
+    assert fast.shape == (2, 23 * 16, 3)
+    assert (fast - slow).abs().max().item() <= 1e-5
+
+
+def test_rdn_encoder_matches_literal():
+    net = tiny_liif(encoder=TINY_RDN)
+    lq = torch.rand(1, 3, 6, 5)
+    coord, cell = queries((17, 31))
+    with torch.no_grad():
+        assert (net(lq, coord, cell) - literal_liif_forward(net, lq, coord, cell)).abs().max().item() <= 1e-5
+
+
+def test_odd_integer_scale_border_queries_match_literal():
+    # at odd integer scales some queries sit exactly on latent centres at the border
+    net = tiny_liif()
+    lq = torch.rand(1, 3, 5, 6)
+    coord, cell = queries((15, 18))
+    with torch.no_grad():
+        assert (net(lq, coord, cell) - literal_liif_forward(net, lq, coord, cell)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize('chunk', [1, 7, 100, 10 ** 6])
+def test_upscale_and_query_are_chunk_size_invariant(chunk):
+    net = tiny_liif()
+    lq = torch.rand(2, 3, 6, 7)
+    coord, cell = queries((13, 29), b=2)
+    with torch.no_grad():
+        ref = net(lq, coord, cell)
+        out = net.upscale(lq, size=(13, 29), chunk_size=chunk)
+        chunked = net.query(lq, coord, cell, chunk_size=chunk)
+    assert out.shape == (2, 3, 13, 29)
+    assert (out - ref.view(2, 13, 29, 3).permute(0, 3, 1, 2)).abs().max().item() <= 1e-6
+    assert (chunked - ref).abs().max().item() <= 1e-6
+
+
+def test_gradients_reach_encoder_and_decoder():
+    net = tiny_liif().train()
+    lq = torch.rand(2, 3, 8, 8)
+    coord, cell = queries((12, 12), b=2)
+    net(lq, coord, cell).abs().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    net = tiny_liif(encoder=TINY_RDN, cell_decode=False)
+    opt = {'type': 'LIIF', 'encoder': TINY_RDN, 'hidden_list': [16, 16], 'cell_decode': False}
+    path = tmp_path / 'net_g.pth'
+    torch.save(describe(opt, net.state_dict()), path)
+    loaded = ciisr_plugin.load_model(str(path))
+    lq = torch.rand(1, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded.upscale(lq, (11, 9)), net.upscale(lq, (11, 9)))
+
+
+def test_authors_rdn_checkpoint_is_translated():
+    # build an authors'-format checkpoint from our tiny RDN LIIF by renaming keys back
+    net = tiny_liif(encoder={'type': 'RDNEncoder', 'num_feat': 8, 'config': 'A'})
+    back = {'conv_shallow1': 'SFENet1', 'conv_shallow2': 'SFENet2', 'fuse_global': 'GFF.0',
+            'conv_after_fuse': 'GFF.1'}
+    sd = {}
+    for k, v in net.state_dict().items():
+        k = k.replace('decoder.layers', 'imnet.layers')
+        for ours, theirs in back.items():
+            k = k.replace(f'encoder.{ours}.', f'encoder.{theirs}.')
+        k = k.replace('.fuse.', '.LFF.').replace('encoder.blocks.', 'encoder.RDBs.')
+        if '.layers.' in k and k.startswith('encoder.'):
+            k = k.replace('.layers.', '.convs.').replace('.conv.', '.conv.0.')
+        sd[k] = v
+    ckpt = {'model': {'name': 'liif', 'args': {
+        'encoder_spec': {'name': 'rdn', 'args': {'G0': 8, 'RDNconfig': 'A', 'no_upsampling': True}},
+        'imnet_spec': {'name': 'mlp', 'args': {'out_dim': 3, 'hidden_list': [16, 16]}}}, 'sd': sd}}
+    loaded = ciisr_plugin.load_model(ckpt)
+    lq = torch.rand(1, 3, 4, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded.upscale(lq, (9, 13)), net.upscale(lq, (9, 13)))
+
+
+def test_mismatched_authors_checkpoint_lists_keys(authors_fixture):
+    ckpt = copy.deepcopy(authors_fixture('liif_edsr_baseline_x3.3.pt')['checkpoint'])
+    del ckpt['model']['sd']['imnet.layers.2.weight']
+    ckpt['model']['sd']['imnet.bogus'] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r'missing: decoder\.layers\.2\.weight.*unexpected: imnet\.bogus'):
+        ciisr_plugin.load_model(ckpt)
+
+
+def test_unknown_formats_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match='unknown checkpoint format'):
+        ciisr_plugin.load_model({'foo': 1})
+    with pytest.raises(CheckpointError, match='without .network_g'):
+        ciisr_plugin.load_model({'params': {}})
+    bad = tmp_path / 'junk.pth'
+    bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='junk.pth'):
+        ciisr_plugin.load_model(str(bad))
+
+
+def test_authors_spec_flags_are_mapped(authors_fixture):
+    ckpt = copy.deepcopy(authors_fixture('liif_edsr_baseline_x3.3.pt')['checkpoint'])
+    ckpt['model']['args'].update(local_ensemble=False, cell_decode=False)
+    opt, _ = convert_authors_checkpoint({'model': {**ckpt['model'], 'sd': {}}})
+    assert opt['local_ensemble'] is False and opt['cell_decode'] is False and opt['feat_unfold'] is True
+    assert opt['encoder'] == {'type': 'EDSREncoder', 'num_block': 16, 'num_feat': 64, 'res_scale': 1.0}
+
+
+@pytest.mark.parametrize('arch,opt', [
+    ('EDSR', {'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1, 'upscale': 2}),
+    ('RCAN', {'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_group': 1, 'num_block': 1, 'squeeze_factor': 4,
+              'upscale': 2}),
+    ('RRDBNet', {'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_block': 1, 'num_grow_ch': 4}),
+    ('SwinIR', {'upscale': 2, 'in_chans': 3, 'img_size': 8, 'window_size': 4, 'embed_dim': 12, 'depths': [1],
+                'num_heads': [2], 'mlp_ratio': 1, 'upsampler': 'pixelshuffle'}),
+])
+def test_basicsr_archs_as_encoders(arch, opt):
+    net = build_network({'type': 'LIIF', 'encoder': {'type': 'BasicSREncoder', 'arch': arch, **opt},
+                         'hidden_list': [16]}).eval()
+    lq = torch.rand(1, 3, 7, 10)  # not a multiple of SwinIR's window
+    with torch.no_grad():
+        out = net.upscale(lq, (15, 21))
+    assert out.shape == (1, 3, 15, 21) and torch.isfinite(out).all()
