@@ -49,18 +49,39 @@ class FixedScaleSR(nn.Module):
         return picked[:, :, 0].transpose(1, 2)
 
 
+def pil_bicubic_resize(img, size):
+    """Resize (B, C, h, w) float images with PIL's bicubic kernel (a = -0.5, as MATLAB's
+    imresize and the PIL downsampling that makes the LR inputs) in float32, per channel."""
+    import numpy as np
+    from PIL import Image
+
+    out_h, out_w = int(size[0]), int(size[1])
+    planes = img.detach().float().cpu().numpy()
+    out = np.empty(planes.shape[:2] + (out_h, out_w), dtype=np.float32)
+    for b in range(planes.shape[0]):
+        for c in range(planes.shape[1]):
+            out[b, c] = np.asarray(Image.fromarray(planes[b, c], mode='F').resize((out_w, out_h), Image.BICUBIC))
+    return torch.from_numpy(out).to(img.device)
+
+
 @ARCH_REGISTRY.register()
 class BicubicSR(nn.Module):
-    """Bicubic interpolation as a network: the reference every SR model must beat."""
+    """Bicubic interpolation as a network: the reference every SR model must beat.
 
-    def __init__(self, antialias=False):
+    ``kernel``: 'pil' (a = -0.5, the kernel the LR inputs are made with) or 'torch'
+    (``F.interpolate``, a = -0.75).
+    """
+
+    def __init__(self, kernel='pil'):
         super().__init__()
-        self.antialias = antialias
-        self.register_buffer('_dummy', torch.zeros(0), persistent=False)
+        if kernel not in ('pil', 'torch'):
+            raise ValueError(f"BicubicSR: kernel must be 'pil' or 'torch', got '{kernel}'")
+        self.kernel = kernel
 
     def upscale(self, lq, size, chunk_size=None):
-        return F.interpolate(lq, size=tuple(int(s) for s in size), mode='bicubic', align_corners=False,
-                             antialias=self.antialias)
+        if self.kernel == 'pil':
+            return pil_bicubic_resize(lq, size)
+        return F.interpolate(lq, size=tuple(int(s) for s in size), mode='bicubic', align_corners=False)
 
     def forward(self, lq, coord, cell):
         size = (round(2 / cell[0, 0, 0].item()), round(2 / cell[0, 0, 1].item()))

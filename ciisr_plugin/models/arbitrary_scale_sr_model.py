@@ -1,7 +1,5 @@
 """Training and evaluation of implicit (arbitrary-scale) SR networks inside BasicSR."""
 import copy
-import math
-import os
 from collections import OrderedDict
 from os import path as osp
 
@@ -16,6 +14,7 @@ from basicsr.utils import get_root_logger, imwrite, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from ciisr_plugin.archs.fixed_scale_arch import pil_bicubic_resize
 from ciisr_plugin.checkpoint import NETWORK_OPT_KEY, _to_plain, save_atomic
 from ciisr_plugin.results import write_results_report
 
@@ -38,7 +37,9 @@ class ArbitraryScaleSRModel(SRModel):
     or ``(B, 3, P, P)`` random-group patches, which also allow ``perceptual_opt``).
     Evaluation renders the whole image with ``net.upscale`` (chunked queries) at the GT size.
     A validation/test dataset may list several scales (``scales: [2, 3, 4, 3.5]``): it is
-    evaluated once per scale and reported as ``<name>_x<scale>``.
+    evaluated once per scale and reported as ``<name>_x<scale>``. With ``val.bicubic_baseline``
+    every metric is also computed for bicubic interpolation of the same input, measured the
+    same way, and logged beside the model's.
     Saved checkpoints are self-describing: they carry ``network_g`` (see ``load_model``).
     """
 
@@ -137,9 +138,11 @@ class ArbitraryScaleSRModel(SRModel):
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         dataset_name = dataloader.dataset.opt['name']
         metrics_opt = self.opt['val'].get('metrics') or {}
+        with_bicubic = bool(self.opt['val'].get('bicubic_baseline')) and bool(metrics_opt)
         if metrics_opt:
             self._initialize_best_metric_results(dataset_name)
         self.metric_results = {metric: 0.0 for metric in metrics_opt}
+        bicubic_results = {metric: 0.0 for metric in metrics_opt}
         pbar = tqdm(total=len(dataloader), unit='image', desc=dataset_name) if self.opt['val'].get('pbar') else None
 
         num = 0
@@ -152,11 +155,10 @@ class ArbitraryScaleSRModel(SRModel):
             sr_img = tensor2img([sr])
             if self.gt is not None and metrics_opt:
                 gt = self.gt.detach().cpu()
-                uint8_data = {'img': sr_img, 'img2': tensor2img([gt])}
-                float_data = {'img': sr, 'img2': gt, 'scale': self.scale}
-                for name, metric_opt in metrics_opt.items():
-                    data = float_data if metric_opt['type'] in FLOAT_METRICS else uint8_data
-                    self.metric_results[name] += float(calculate_metric(data, metric_opt))
+                self._accumulate_metrics(self.metric_results, sr, sr_img, gt, metrics_opt)
+                if with_bicubic:
+                    bicubic = pil_bicubic_resize(self.lq, gt.shape[-2:]).cpu().clamp(0, 1)
+                    self._accumulate_metrics(bicubic_results, bicubic, tensor2img([bicubic]), gt, metrics_opt)
             if save_img:
                 self._save_image(sr_img, img_name, dataset_name, current_iter)
             num += 1
@@ -171,8 +173,18 @@ class ArbitraryScaleSRModel(SRModel):
                 self.metric_results[metric] /= num
                 self._update_best_metric_result(dataset_name, metric, self.metric_results[metric], current_iter)
             self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+            if with_bicubic:
+                values = '\t'.join(f'# {m}: {v / num:.4f}' for m, v in bicubic_results.items())
+                get_root_logger().info(f'Validation {dataset_name} (bicubic interpolation, same protocol)\n\t {values}')
             if not self.opt['is_train']:
                 self._record_test_results(dataset_name, dataloader.dataset.opt)
+
+    def _accumulate_metrics(self, results, sr, sr_img, gt, metrics_opt):
+        uint8_data = {'img': sr_img, 'img2': tensor2img([gt])}
+        float_data = {'img': sr, 'img2': gt, 'scale': self.scale}
+        for name, metric_opt in metrics_opt.items():
+            data = float_data if metric_opt['type'] in FLOAT_METRICS else uint8_data
+            results[name] += float(calculate_metric(data, metric_opt))
 
     def _save_image(self, img, img_name, dataset_name, current_iter):
         if self.opt['is_train']:
