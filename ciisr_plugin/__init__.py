@@ -8,7 +8,7 @@ from . import compat
 
 compat.apply()
 
-from . import archs, data, metrics, models  # noqa: E402,F401  (registration)
+from . import archs, data, losses, metrics, models  # noqa: E402,F401  (registration)
 from .checkpoint import load_model  # noqa: E402
 
 __version__ = '0.1.0'

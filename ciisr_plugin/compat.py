@@ -1,15 +1,55 @@
-"""Compatibility fixes for basicsr 1.4.2 on current torch / torchvision.
+"""Compatibility fixes for basicsr 1.4.2 on current torch / torchvision, and on CPU.
 
-Every fix is explicit, names the upstream issue, and is applied once by :func:`apply`
-(called when ``ciisr_plugin`` is imported). Each has a test in ``tests/test_compat.py``
+Each fix is explicit and small, names its upstream issue, replaces named BasicSR
+attributes (the originals are kept: :func:`original`), is applied once by :func:`apply`
+(called when ``ciisr_plugin`` is imported) and has a test in ``tests/test_compat.py``
 that fails without it.
+
+1. ``torchvision.transforms.functional_tensor`` shim - basicsr#650.
+2. ``basicsr.train.load_resume_state``: resume onto the CPU when ``num_gpu`` is 0 or there
+   is no CUDA (1.4.2 always maps the state onto ``torch.cuda.current_device()``), and look
+   for ``--auto_resume`` states where this run saves them. No upstream issue found.
+3. ``basicsr.utils.options.init_dist`` (and ``dist_util.init_dist``): ``--launcher pytorch``
+   honours ``dist_params.backend``, defaults to gloo without CUDA, and picks the CUDA device
+   from torchrun's ``LOCAL_RANK``; 1.4.2 hard-codes nccl and divides by the GPU count.
+   No upstream issue found (BasicSR#626 is the related ``--local-rank`` report, handled
+   by the CLI).
+4. ``BaseModel.model_to_device``: DistributedDataParallel with ``device_ids=None`` for CPU
+   modules. No upstream issue found.
+5. ``BaseModel.get_optimizer``: any ``torch.optim`` optimizer by name (1.4.2: Adam only).
+   No upstream issue found in XPixelGroup/BasicSR (reported downstream, xinntao/Real-ESRGAN#766).
+6. ``PerceptualLoss(criterion='l2')`` crashed on ``torch.nn.L2loss``: basicsr#515,
+   fixed upstream after 1.4.2 by PR #570 (MSELoss).
+
+Checked, needs no fix: torch>=2.6 loads with ``weights_only=True`` by default; BasicSR's
+``.state`` files (optimizer + scheduler state dicts, including MultiStepRestartLR's
+``collections.Counter``) and ``BaseModel.load_network``'s ``.pth`` files load that way
+(torch allowlists ``Counter``), so no ``add_safe_globals`` is added.
 """
+import functools
+import inspect
+import os
 import sys
 import types
+import warnings
 
 _applied = False
+_originals = {}  # (owner, attribute name) -> the BasicSR object a fix replaced
+_dist_hint = {'backend': None, 'num_gpu': None}
 
 
+def original(owner, name):
+    """The BasicSR attribute ``owner.name`` as it was before :func:`apply` replaced it."""
+    return _originals[(owner, name)]
+
+
+def _replace(owner, name, new):
+    _originals.setdefault((owner, name), getattr(owner, name))
+    setattr(owner, name, new)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. basicsr#650
 def _shim_functional_tensor():
     """basicsr#650: ``basicsr.data.degradations`` imports ``rgb_to_grayscale`` from
     ``torchvision.transforms.functional_tensor``, removed in torchvision 0.17. Provide
@@ -28,9 +68,171 @@ def _shim_functional_tensor():
     sys.modules[name] = shim
 
 
+# ----------------------------------------------------------------------------------------------
+# 2. resume on CPU (no upstream issue found)
+def resume_device(opt):
+    """Where a training state is loaded: the current CUDA device, or the CPU when the run
+    uses no GPU (``num_gpu: 0``) or CUDA is unavailable."""
+    import torch
+    if opt.get('num_gpu', 0) != 0 and torch.cuda.is_available():
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def load_resume_state(opt):
+    """``basicsr.train.load_resume_state`` loading onto :func:`resume_device`.
+
+    1.4.2 maps every state onto ``torch.cuda.current_device()``, which fails without CUDA.
+    With ``--auto_resume`` it searches ``opt['path']['training_states']`` (where
+    ``save_training_state`` writes them, under the run's root) rather than a path relative
+    to the working directory. The states hold only tensors, numbers, lists and a
+    ``collections.Counter``, so they load with ``weights_only=True``.
+    """
+    import torch
+    from basicsr.utils import check_resume, scandir
+
+    resume_state_path = None
+    if opt['auto_resume']:
+        state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'],
+                                                                         'training_states')
+        if os.path.isdir(state_dir):
+            iters = [float(v[:-len('.state')]) for v in scandir(state_dir, suffix='.state', recursive=False)]
+            if iters:
+                resume_state_path = os.path.join(state_dir, f'{max(iters):.0f}.state')
+                opt['path']['resume_state'] = resume_state_path
+    elif opt['path'].get('resume_state'):
+        resume_state_path = opt['path']['resume_state']
+
+    if resume_state_path is None:
+        return None
+    resume_state = torch.load(resume_state_path, map_location=resume_device(opt), weights_only=True)
+    check_resume(opt, resume_state['iter'])
+    return resume_state
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. --launcher pytorch: backend and device (no upstream issue found)
+def set_dist_params(dist_params=None, num_gpu=None):
+    """Tell :func:`init_dist` the run's ``dist_params`` and ``num_gpu`` (BasicSR's
+    ``parse_options`` passes neither for ``--launcher pytorch``). Called by the CLI."""
+    _dist_hint['backend'] = (dist_params or {}).get('backend')
+    _dist_hint['num_gpu'] = num_gpu
+
+
+def default_dist_backend(num_gpu=None):
+    import torch
+    return 'nccl' if torch.cuda.is_available() and num_gpu != 0 else 'gloo'
+
+
+def init_dist(launcher, backend=None, **kwargs):
+    """``basicsr.utils.dist_util.init_dist`` that works on CPU and under torchrun.
+
+    Backend: the explicit argument (``--launcher slurm`` passes ``dist_params``), else
+    ``dist_params.backend`` from :func:`set_dist_params`, else nccl with CUDA / gloo without.
+    A nccl request without CUDA (BasicSR's templates all say nccl) falls back to gloo with a
+    warning. For ``pytorch`` the CUDA device (only set when CUDA exists) is ``LOCAL_RANK``
+    (torchrun, ``torch.distributed.launch --use-env``) or ``RANK % device_count`` as in 1.4.2.
+    ``slurm`` is 1.4.2's code with the backend chosen here; it still needs GPUs.
+    """
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from basicsr.utils import dist_util
+
+    backend = backend or _dist_hint['backend'] or default_dist_backend(_dist_hint['num_gpu'])
+    if backend == 'nccl' and default_dist_backend(_dist_hint['num_gpu']) == 'gloo':
+        warnings.warn('dist_params.backend nccl needs CUDA (and num_gpu != 0); using gloo')
+        backend = 'gloo'
+    if mp.get_start_method(allow_none=True) is None:
+        mp.set_start_method('spawn')  # as 1.4.2 does
+    if launcher == 'pytorch':
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            local_rank = os.environ.get('LOCAL_RANK')
+            device = int(local_rank) if local_rank is not None else int(os.environ['RANK'])
+            torch.cuda.set_device(device % torch.cuda.device_count())
+        dist.init_process_group(backend=backend)
+    elif launcher == 'slurm':
+        dist_util._init_dist_slurm(backend, **kwargs)  # unchanged apart from the backend default
+    else:
+        raise ValueError(f'Invalid launcher type: {launcher}')
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. DDP on CPU (no upstream issue found)
+def model_to_device(self, net):
+    """``BaseModel.model_to_device`` that wraps CPU modules in DDP with ``device_ids=None``
+    (1.4.2 always passes ``[torch.cuda.current_device()]``, which fails on CPU)."""
+    import torch
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    net = net.to(self.device)
+    if self.opt['dist']:
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        net = DistributedDataParallel(
+            net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False))
+    elif self.opt['num_gpu'] > 1:
+        net = DataParallel(net)
+    return net
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. optimizers beyond Adam (no upstream issue found; xinntao/Real-ESRGAN#766)
+def optimizer_class(name):
+    """The ``torch.optim`` optimizer class called ``name``; ValueError (with close names) otherwise."""
+    import torch
+    from .config import suggest
+
+    cls = getattr(torch.optim, name, None) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
+        return cls
+    known = sorted(k for k, v in vars(torch.optim).items()
+                   if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer)
+    hint = suggest(name, known) if isinstance(name, str) else ''
+    raise ValueError(f'unknown optimizer type {name!r}{hint}; torch.optim has {", ".join(known)}')
+
+
+def get_optimizer(self, optim_type, params, lr, **kwargs):
+    """``BaseModel.get_optimizer`` accepting any ``torch.optim`` class name (AdamW, SGD, ...)."""
+    return optimizer_class(optim_type)(params, lr, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. basicsr#515 / PR #570
+def _perceptual_loss_init(init):
+
+    @functools.wraps(init)  # keeps the signature visible to inspect
+    def __init__(self, *args, **kwargs):
+        import torch
+        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        if bound.arguments.get('criterion') != 'l2':
+            return init(self, *args, **kwargs)
+        bound.arguments['criterion'] = 'l1'  # build everything else as 1.4.2 does
+        init(*bound.args, **bound.kwargs)
+        self.criterion_type = 'l2'
+        self.criterion = torch.nn.MSELoss()
+
+    __init__.__doc__ = ("PerceptualLoss.__init__ with criterion='l2' giving torch.nn.MSELoss (1.4.2 calls the "
+                        'non-existent torch.nn.L2loss; basicsr#515, PR #570).')
+    return __init__
+
+
+# ----------------------------------------------------------------------------------------------
 def apply():
+    """Apply every fix once. The #650 shim must precede the first ``import basicsr``."""
     global _applied
     if _applied:
         return
     _shim_functional_tensor()
+
+    import basicsr.train
+    from basicsr.losses.basic_loss import PerceptualLoss
+    from basicsr.models.base_model import BaseModel
+    from basicsr.utils import dist_util, options
+
+    _replace(basicsr.train, 'load_resume_state', load_resume_state)
+    _replace(options, 'init_dist', init_dist)  # the name parse_options calls
+    _replace(dist_util, 'init_dist', init_dist)
+    _replace(BaseModel, 'model_to_device', model_to_device)
+    _replace(BaseModel, 'get_optimizer', get_optimizer)
+    _replace(PerceptualLoss, '__init__', _perceptual_loss_init(PerceptualLoss.__init__))
     _applied = True

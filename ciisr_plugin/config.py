@@ -1,0 +1,210 @@
+"""BasicSR option files with inheritance, and their validation.
+
+An option file may name parent files under ``_base_`` (a path or a list, relative to the
+file). They are merged with mmengine's ``Config`` rules: bases first, then the child
+overrides them key by key, nested dicts are merged, and ``_delete_: true`` in a child dict
+replaces the base dict instead of merging into it. The result is plain dicts / lists, in
+the order base keys first, then keys new in the child, ready to be written back as the
+single YAML file BasicSR reads.
+
+``validate_options`` checks, before anything runs, that the required keys exist and that
+every ``type`` names something registered in BasicSR (arches, datasets, losses, metrics,
+models), so a typo fails in one line naming the option instead of deep in a training run.
+"""
+import difflib
+import os
+
+import yaml
+
+GENERAL_KEYS = ('name', 'model_type', 'scale', 'num_gpu', 'manual_seed')  # head of BasicSR option files
+REQUIRED_KEYS = ('name', 'model_type', 'num_gpu', 'datasets', 'path')
+# keys the BasicSR pipelines read unconditionally, on top of REQUIRED_KEYS
+PIPELINE_KEYS = {'train': ('train', 'logger'), 'test': ('val', )}
+OPTION_SUFFIXES = ('.yml', '.yaml')
+
+
+class OptionsError(ValueError):
+    """An option file that cannot be used; the message names the file and what is wrong."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"option file '{path}': {reason}")
+        self.path, self.reason = path, reason
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+def load_options(path):
+    """Read ``path`` and its ``_base_`` files into one plain dict (see module docstring)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise OptionsError(path, 'no such file' if not os.path.exists(path) else 'not a file')
+    if not path.endswith(OPTION_SUFFIXES):
+        raise OptionsError(path, f'expected a YAML file ({" or ".join(OPTION_SUFFIXES)})')
+    # Parse the file ourselves first: YAML syntax errors get their line number and an empty
+    # or non-mapping file a clear message (mmengine would fail on them with a bare trace).
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        raw = yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as err:
+        if '_base_' not in text:
+            raise OptionsError(path, f'invalid YAML: {_one_line(err)}') from None
+        raw = {'_base_': None}  # may be mmengine's unquoted {{ _base_.x }} placeholders: let it try
+    except (OSError, UnicodeDecodeError) as err:
+        raise OptionsError(path, f'cannot read: {_one_line(err)}') from None
+    if not isinstance(raw, dict):
+        raise OptionsError(path, f'expected a mapping of options at the top level, got '
+                           f'{"nothing" if raw is None else type(raw).__name__}')
+    if '_base_' not in raw:
+        return to_plain(raw)
+
+    from mmengine.config import Config
+    try:
+        # custom_imports would import arbitrary modules: not part of BasicSR option files
+        cfg = Config.fromfile(path, import_custom_modules=False)
+    except FileNotFoundError as err:
+        raise OptionsError(path, f'_base_: {_one_line(err)}') from None
+    except Exception as err:  # mmengine raises assorted types for bad bases / duplicate keys
+        raise OptionsError(path, f'cannot merge _base_ files: {type(err).__name__}: {_one_line(err)}') from None
+    return _general_keys_first(to_plain(cfg.to_dict()))
+
+
+def direct_bases(path):
+    """``None`` when :func:`load_options` reads ``path`` as it is (no ``_base_``); else the
+    ``_base_`` files it names itself, as absolute paths (empty when only mmengine can parse it)."""
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    try:
+        raw = yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError:
+        return []
+    if not isinstance(raw, dict) or '_base_' not in raw:
+        return None
+    bases = [raw['_base_']] if isinstance(raw['_base_'], str) else list(raw['_base_'] or [])
+    return [os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), b)) for b in bases]
+
+
+def _general_keys_first(opt):
+    # mmengine appends keys the child adds after the base's; keep BasicSR's usual head
+    head = {k: opt[k] for k in GENERAL_KEYS if k in opt}
+    return {**head, **{k: v for k, v in opt.items() if k not in head}}
+
+
+def _yaml_loader():
+    try:
+        return yaml.CSafeLoader
+    except AttributeError:
+        return yaml.SafeLoader
+
+
+def _one_line(err):
+    text = ' '.join(str(err).split())
+    return text or type(err).__name__
+
+
+def to_plain(obj):
+    """ConfigDicts / OrderedDicts / tuples -> plain dicts and lists (order kept)."""
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def dump_options(opt, header=()):
+    """The YAML text of ``opt`` (key order kept), after ``header`` lines as comments."""
+    comments = ''.join(f'# {line}\n' for line in header)
+    return comments + yaml.safe_dump(opt, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def write_options(opt, path, header=()):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(dump_options(opt, header))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+def validate_options(opt, path, command='train'):
+    """Raise :class:`OptionsError` for missing keys or a ``type`` no BasicSR registry knows."""
+    from basicsr.utils.registry import (ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY,
+                                        MODEL_REGISTRY)
+
+    from .compat import optimizer_class
+
+    required = REQUIRED_KEYS + PIPELINE_KEYS.get(command, ())
+    missing = [k for k in required if k not in opt]
+    if missing:
+        raise OptionsError(path, f'missing required top-level key(s): {", ".join(missing)}')
+    for key in ('datasets', 'path') + PIPELINE_KEYS.get(command, ()):
+        if not isinstance(opt[key], dict):
+            raise OptionsError(path, f'{key}: expected a mapping, got {type(opt[key]).__name__}')
+
+    _check_name(path, 'model_type', opt['model_type'], MODEL_REGISTRY, 'model')
+
+    for key, value in opt.items():
+        if key.startswith('network_') and value is not None:
+            if not isinstance(value, dict) or 'type' not in value:
+                raise OptionsError(path, f"{key}: expected a mapping with a 'type'")
+            # nested {'type': ...} dicts (e.g. LIIF's encoder) are built with build_network too
+            for where, name in _nested_types(value, key):
+                _check_name(path, where, name, ARCH_REGISTRY, 'arch')
+
+    if not opt['datasets']:
+        raise OptionsError(path, 'datasets: no dataset given')
+    for phase, dataset in opt['datasets'].items():
+        if not isinstance(dataset, dict) or 'type' not in dataset:
+            raise OptionsError(path, f"datasets.{phase}: expected a mapping with a 'type'")
+        _check_name(path, f'datasets.{phase}.type', dataset['type'], DATASET_REGISTRY, 'dataset')
+
+    for key, value in (opt.get('train') or {}).items():
+        if not isinstance(value, dict) or 'type' not in value:
+            continue  # e.g. `perceptual_opt: ~` switches a loss off
+        if key.endswith('_opt'):
+            _check_name(path, f'train.{key}.type', value['type'], LOSS_REGISTRY, 'loss')
+        elif key.startswith('optim_'):
+            try:
+                optimizer_class(value['type'])
+            except ValueError as err:
+                raise OptionsError(path, f'train.{key}.type: {err}') from None
+
+    metrics = (opt.get('val') or {}).get('metrics') or {}
+    if not isinstance(metrics, dict):
+        raise OptionsError(path, f'val.metrics: expected a mapping, got {type(metrics).__name__}')
+    for name, metric in metrics.items():
+        if not isinstance(metric, dict) or 'type' not in metric:
+            raise OptionsError(path, f"val.metrics.{name}: expected a mapping with a 'type'")
+        _check_name(path, f'val.metrics.{name}.type', metric['type'], METRIC_REGISTRY, 'metric')
+
+
+def _nested_types(node, where):
+    if isinstance(node, dict):
+        if 'type' in node:
+            yield f'{where}.type', node['type']
+        for key, value in node.items():
+            if key != 'type':
+                yield from _nested_types(value, f'{where}.{key}')
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _nested_types(value, f'{where}[{i}]')
+
+
+def _check_name(path, where, name, registry, kind):
+    # BasicSR's Registry.get also accepts '<name>_basicsr' registrations under the bare name
+    if isinstance(name, str) and (name in registry or f'{name}_basicsr' in registry):
+        return
+    if not isinstance(name, str):
+        raise OptionsError(path, f'{where}: expected a {kind} name, got {name!r}')
+    raise OptionsError(path, f"{where}: unknown {kind} type '{name}'{suggest(name, registry.keys())}")
+
+
+def suggest(name, known):
+    """' (did you mean 'X'?)' for close names among ``known``, case-insensitively; else ''."""
+    by_lower = {}
+    for k in sorted(known):
+        by_lower.setdefault(k.lower(), k)
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.6)
+    if not close:
+        return ''
+    return ' (did you mean ' + ' or '.join(repr(by_lower[c]) for c in close) + '?)'
+
