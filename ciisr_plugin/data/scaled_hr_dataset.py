@@ -36,10 +36,12 @@ class ScaledHRImageDataset(data.Dataset):
     def __init__(self, opt):
         super().__init__()
         self.opt = opt
-        if opt.get('scale') is None:
+        # with a `scales` list, ArbitraryScaleSRModel rebuilds this dataset once per scale
+        scale = opt.get('scale') if opt.get('scale') is not None else (opt.get('scales') or [None])[0]
+        if scale is None:
             raise ValueError(f"dataset {opt.get('name', '')!r}: ScaledHRImageDataset needs 'scale' (a number or "
-                             '[sh, sw])')
-        self.scale = parse_scale(opt['scale'])
+                             "[sh, sw]) or 'scales' (a list of them)")
+        self.scale = parse_scale(scale)
         self.kernel = check_kernel(opt.get('downsample_kernel', 'pil_bicubic'))
         self.source = ImageSource(opt, 'dataroot_gt', 'gt')
 
