@@ -1,7 +1,9 @@
 """Training data for arbitrary-scale SR: random-scale HR crops and their bicubic LR."""
+import contextlib
 import math
 import random
 
+import numpy as np
 import torch
 from torch.utils import data as data
 
@@ -33,6 +35,11 @@ class ArbitraryScaleImageDataset(data.Dataset):
 
     Returns: lq (3, lq_size, lq_size), coord (Q, 2), cell (Q, 2), gt (Q, 3) or (3, P, P),
     scale (2,) = realised (H_hr / lq_size, W_hr / lq_size) after augmentation, lq_path, gt_path.
+
+    Randomness: an index from BasicSR's training sampler (as patched by ``compat``) names its
+    draw ``(seed, epoch, slot)``; the sample's random numbers are derived from it alone, so a
+    sample is the same whatever the number of workers or processes and after a resume. A plain
+    int index draws from the global ``random`` / ``numpy.random`` as before.
     """
 
     def __init__(self, opt):
@@ -74,6 +81,10 @@ class ArbitraryScaleImageDataset(data.Dataset):
         return sh, sw
 
     def __getitem__(self, index):
+        with seeded_global_rng(getattr(index, 'key', None)):
+            return self.make_sample(int(index))
+
+    def make_sample(self, index):
         img, path = self.source.read(index)
         sh, sw = self.draw_scale()
         hr_h, hr_w = round(self.lq_size * sh), round(self.lq_size * sw)
@@ -96,3 +107,22 @@ class ArbitraryScaleImageDataset(data.Dataset):
             coord, cell, gt = sample_pixels(hr, self.sample_q)
         scale = torch.tensor([hr.shape[-2] / lq.shape[-2], hr.shape[-1] / lq.shape[-1]], dtype=torch.float32)
         return {'lq': lq, 'coord': coord, 'cell': cell, 'gt': gt, 'scale': scale, 'lq_path': path, 'gt_path': path}
+
+
+@contextlib.contextmanager
+def seeded_global_rng(key):
+    """Run the block with ``random`` and ``numpy.random`` seeded from ``key`` (a tuple of
+    ints), restoring their previous states after it; no-op for ``key=None``. (The sampling
+    helpers draw from these global generators.)"""
+    if key is None:
+        yield
+        return
+    entropy = np.random.SeedSequence([int(k) for k in key]).generate_state(4)
+    saved = random.getstate(), np.random.get_state()
+    random.seed(int.from_bytes(entropy.tobytes(), 'little'))
+    np.random.seed(entropy)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])

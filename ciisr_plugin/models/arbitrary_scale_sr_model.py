@@ -15,7 +15,8 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from ciisr_plugin.archs.fixed_scale_arch import pil_bicubic_resize
-from ciisr_plugin.checkpoint import NETWORK_OPT_KEY, _to_plain, save_atomic
+from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, _to_plain, load_state_dict_exact, read_checkpoint,
+                                     save_atomic)
 from ciisr_plugin.results import write_results_report
 
 # Metrics that follow the LIIF paper's float protocol take the float RGB tensors in [0, 1]
@@ -206,7 +207,33 @@ class ArbitraryScaleSRModel(SRModel):
         })
         write_results_report(self.test_results, self.opt['path']['results_root'], self.opt['name'])
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ loading / saving
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """BasicSR's ``load_network`` (same keys, logs and ``params_ema`` -> ``params`` fallback)
+        reading with ``weights_only=True`` and reporting an unreadable file, a pickle needing
+        code or (strict) a checkpoint of another network as one-line :class:`CheckpointError`
+        naming the file, where 1.4.2 ends in a trace (``pretrain_network_*``, resume)."""
+        net = self.get_bare_model(net)
+        ckpt = read_checkpoint(load_path)
+        if param_key is not None:
+            if not isinstance(ckpt, dict):
+                raise CheckpointError(f'{load_path}: expected a dict checkpoint, got {type(ckpt).__name__}')
+            if param_key not in ckpt and 'params' in ckpt:
+                param_key = 'params'
+                get_root_logger().info('Loading: params_ema does not exist, use params.')
+            if not isinstance(ckpt.get(param_key), dict):
+                raise CheckpointError(f"{load_path}: no '{param_key}' state dict (top-level keys: "
+                                      f'{sorted(map(str, ckpt))[:8]})')
+            ckpt = ckpt[param_key]
+        state = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in ckpt.items())
+        get_root_logger().info(f'Loading {net.__class__.__name__} model from {load_path}, with param key: '
+                               f'[{param_key}].')
+        if strict:
+            load_state_dict_exact(net, state, load_path)
+        else:
+            self._print_different_keys_loading(net, state, strict)
+            net.load_state_dict(state, strict=False)
+
     def network_options(self):
         return _to_plain(self.opt['network_g'])
 
@@ -225,14 +252,68 @@ class ArbitraryScaleSRModel(SRModel):
             ckpt[NETWORK_OPT_KEY] = self.network_options()
         save_atomic(ckpt, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
 
-    @master_only
     def save_training_state(self, epoch, current_iter):
+        """BasicSR's state (epoch, iter, optimizers, schedulers) plus every process's RNG states
+        (python, numpy, torch, CUDA), written atomically by rank 0. BasicSR 1.4.2 saves no RNG
+        state; with them (and the sampler's in-epoch resume, ``compat.ResumableSampler``) a
+        resumed run continues exactly as an uninterrupted one. Called on every rank: the RNG
+        states are gathered (a collective), so it is not ``master_only``."""
         if current_iter == -1:
+            return
+        rng = rng_states()
+        if self.opt['dist']:
+            import torch.distributed as dist
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rng)
+        else:
+            gathered = [rng]
+        if self.opt['rank'] != 0:
             return
         state = {
             'epoch': epoch,
             'iter': current_iter,
             'optimizers': [o.state_dict() for o in self.optimizers],
             'schedulers': [s.state_dict() for s in self.schedulers],
+            'rng_states': gathered,  # one per rank
         }
         save_atomic(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    def resume_training(self, resume_state):
+        """BasicSR's resume (optimizers, schedulers), then this rank's RNG states when saved by
+        the same number of processes (else a warning: the run goes on, not bit-identical)."""
+        super().resume_training(resume_state)
+        saved = resume_state.get('rng_states')
+        world_size = self.opt.get('world_size', 1)
+        if saved and len(saved) == world_size:
+            set_rng_states(saved[self.opt.get('rank', 0)])
+        else:
+            get_root_logger().warning(f'Resume state has RNG states of {len(saved or [])} process(es), this run has '
+                                      f'{world_size}: random number streams are not restored.')
+
+
+def rng_states():
+    """This process's python / numpy / torch (and CUDA) RNG states, in types that load with
+    ``weights_only=True`` (numpy's key array as a list)."""
+    import random
+
+    import numpy as np
+    np_state = np.random.get_state(legacy=False)
+    np_state['state']['key'] = np_state['state']['key'].tolist()
+    state = {'python': random.getstate(), 'numpy': np_state, 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state):
+    import random
+
+    import numpy as np
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    np_state = dict(state['numpy'], state=dict(state['numpy']['state']))
+    np_state['state']['key'] = np.asarray(np_state['state']['key'], dtype=np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
