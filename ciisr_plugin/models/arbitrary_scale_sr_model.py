@@ -123,6 +123,7 @@ class ArbitraryScaleSRModel(SRModel):
         scales = dataset_opt.get('scales')
         if not scales:
             return super().validation(dataloader, current_iter, tb_logger, save_img)
+        summary = []
         for scale in scales:
             opt = copy.deepcopy(dataset_opt)
             opt.pop('scales')
@@ -131,6 +132,13 @@ class ArbitraryScaleSRModel(SRModel):
             loader = build_dataloader(build_dataset(opt), opt, num_gpu=self.opt['num_gpu'], dist=False, sampler=None,
                                       seed=self.opt.get('manual_seed'))
             super().validation(loader, current_iter, tb_logger, save_img)
+            if getattr(self, 'bicubic_results', None):
+                summary.append((opt['name'].rsplit('_', 1)[-1], dict(self.metric_results), self.bicubic_results))
+        if summary and self.opt['rank'] == 0:
+            lines = [f"{label}: " + ', '.join(f'{m} {ours[m]:.4f} (bicubic {bic[m]:.4f})' for m in ours)
+                     for label, ours, bic in summary]
+            get_root_logger().info(f"Summary {dataset_opt['name']} at iter {current_iter}, model vs bicubic "
+                                   'interpolation (same protocol):\n\t' + '\n\t'.join(lines))
 
     def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
         if self.opt['rank'] == 0:
@@ -174,8 +182,9 @@ class ArbitraryScaleSRModel(SRModel):
                 self.metric_results[metric] /= num
                 self._update_best_metric_result(dataset_name, metric, self.metric_results[metric], current_iter)
             self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+            self.bicubic_results = {m: v / num for m, v in bicubic_results.items()} if with_bicubic else None
             if with_bicubic:
-                values = '\t'.join(f'# {m}: {v / num:.4f}' for m, v in bicubic_results.items())
+                values = '\t'.join(f'# {m}: {v:.4f}' for m, v in self.bicubic_results.items())
                 get_root_logger().info(f'Validation {dataset_name} (bicubic interpolation, same protocol)\n\t {values}')
             if not self.opt['is_train']:
                 self._record_test_results(dataset_name, dataloader.dataset.opt)
