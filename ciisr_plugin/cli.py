@@ -22,6 +22,8 @@ import sys
 import tempfile
 from collections import namedtuple
 
+from .tools import export, upscale
+
 PROG = 'basicsr'
 Command = namedtuple('Command', 'help add_arguments run')
 
@@ -146,6 +148,9 @@ COMMANDS = {
     'test': Command('test a model: BasicSR test.py', _add_pipeline_arguments, _run_test),
     'convert': Command("convert a checkpoint (e.g. the LIIF authors') to this plugin's format",
                        _add_convert_arguments, _run_convert),
+    'upscale': Command('super-resolve images or folders at any scale or output size', upscale.add_arguments,
+                       upscale.run),
+    'export': Command('export a model to ONNX (dynamic query count and LR size)', export.add_arguments, export.run),
 }
 
 

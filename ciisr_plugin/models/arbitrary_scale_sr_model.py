@@ -4,7 +4,6 @@ from collections import OrderedDict
 from os import path as osp
 
 import torch
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
 from basicsr.data import build_dataloader, build_dataset
@@ -43,18 +42,6 @@ class ArbitraryScaleSRModel(SRModel):
     same way, and logged beside the model's.
     Saved checkpoints are self-describing: they carry ``network_g`` (see ``load_model``).
     """
-
-    # ------------------------------------------------------------------ setup
-    def model_to_device(self, net):
-        """BasicSR 1.4.2 always passes CUDA device_ids to DDP; on CPU (gloo) there are none."""
-        net = net.to(self.device)
-        if self.opt['dist']:
-            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
-            net = DistributedDataParallel(
-                net, device_ids=device_ids, find_unused_parameters=self.opt.get('find_unused_parameters', False))
-        elif self.opt['num_gpu'] > 1:
-            net = DataParallel(net)
-        return net
 
     # ------------------------------------------------------------------ data
     def feed_data(self, data):
