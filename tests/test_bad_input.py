@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 import ciisr_plugin  # noqa: F401
-from ciisr_plugin.cli import COMMANDS, main
+from ciisr_plugin.cli import main
 
 Case = namedtuple('Case', 'id make names')  # make(tmp_path) -> argv; names: regex the error must match
 

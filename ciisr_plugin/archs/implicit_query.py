@@ -66,16 +66,47 @@ class LatentLookup(NamedTuple):
     weight: torch.Tensor  # (S, B, N) local-ensemble blend weight
 
 
+class LatentWindow(tuple):
+    """``(rows, cols)`` of a window cut from a larger latent grid, for tiled inference.
+
+    It unpacks like the ``grid_hw`` it replaces (the window's own size, which is what
+    gathering from the window's rows needs), and tells :func:`lookup_latents` to place
+    queries on the full grid: ``origin`` is the window's top-left latent and ``full_hw``
+    the full grid's size, so nearest latents and relative coordinates are computed exactly
+    as for the whole image and only the row index is shifted into the window.
+    """
+
+    def __new__(cls, size, origin, full_hw):
+        window = super().__new__(cls, (int(size[0]), int(size[1])))
+        window.origin = (int(origin[0]), int(origin[1]))
+        window.full_hw = (int(full_hw[0]), int(full_hw[1]))
+        return window
+
+
+def _nearest_latent(shifted, h, w):
+    """(row, col) of the latent ``grid_sample(mode='nearest')`` picks for each query, so ties
+    resolve exactly as in the authors' code on every device. The index maps are stride-0
+    views (never materialised), so this costs nothing per latent."""
+    s, b, n, _ = shifted.shape
+    grid = shifted.reshape(s * b, 1, n, 2).flip(-1)
+    maps = (torch.arange(h, device=shifted.device, dtype=torch.float32).view(1, 1, h, 1),
+            torch.arange(w, device=shifted.device, dtype=torch.float32).view(1, 1, 1, w))
+    picked = [F.grid_sample(m.expand(s * b, 1, h, w), grid, mode='nearest', align_corners=False) for m in maps]
+    return tuple(p.view(s, b, n).long() for p in picked)
+
+
 def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
     """Nearest latents of each query for every ensemble shift.
 
     Args:
         coord: (B, N, 2) query coordinates in [-1, 1], (row, col).
         cell: (B, N, 2) query cell sizes, or None.
-        grid_hw: (h, w) of the latent grid.
+        grid_hw: (h, w) of the latent grid, or a :class:`LatentWindow` of it (the index
+            then points into the window's rows; every query must land inside it).
         local_ensemble: blend the four surrounding latents (LIIF's local ensemble).
     """
-    h, w = grid_hw
+    window = grid_hw if isinstance(grid_hw, LatentWindow) else None
+    h, w = grid_hw if window is None else window.full_hw
     if local_ensemble:
         # Half a latent cell in each direction; the order (-,-), (-,+), (+,-), (+,+) matters
         # because each prediction is weighted by the area of its diagonal opposite.
@@ -87,15 +118,7 @@ def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
     shifted = torch.stack([torch.stack([coord[..., 0] + dy, coord[..., 1] + dx], dim=-1) for dy, dx in shifts])
     shifted = shifted.clamp_(-_CLAMP, _CLAMP)  # (S, B, N, 2)
 
-    # Nearest latent: let grid_sample pick it, so ties resolve exactly as in the authors'
-    # code on every device. Sampling a (row, col) index map keeps values far below 2**24.
-    rows = torch.arange(h, device=coord.device, dtype=torch.float32).view(h, 1).expand(h, w)
-    cols = torch.arange(w, device=coord.device, dtype=torch.float32).view(1, w).expand(h, w)
-    index_map = torch.stack([rows, cols]).unsqueeze(0).expand(len(shifts) * b, 2, h, w)
-    picked = F.grid_sample(
-        index_map, shifted.view(len(shifts) * b, 1, n, 2).flip(-1), mode='nearest', align_corners=False)
-    picked = picked.view(len(shifts), b, 2, n).long()
-    row_idx, col_idx = picked[:, :, 0], picked[:, :, 1]
+    row_idx, col_idx = _nearest_latent(shifted, h, w)
 
     centre = torch.stack([coord_axis(h, coord.device)[row_idx], coord_axis(w, coord.device)[col_idx]], dim=-1)
     rel_coord = coord.unsqueeze(0) - centre
@@ -112,12 +135,21 @@ def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
 
     area = (rel_coord[..., 0] * rel_coord[..., 1]).abs() + _AREA_EPS
     weight = area.flip(0) / area.sum(dim=0)  # flip(0) pairs each shift with its diagonal opposite
-    return LatentLookup(row_idx * w + col_idx, rel_coord, rel_cell, weight)
+    if window is None:
+        return LatentLookup(row_idx * w + col_idx, rel_coord, rel_cell, weight)
+    row_idx, col_idx = row_idx - window.origin[0], col_idx - window.origin[1]
+    # an index outside the window would silently read a neighbouring row of features
+    if min(row_idx.min(), col_idx.min()) < 0 or row_idx.max() >= window[0] or col_idx.max() >= window[1]:
+        raise ValueError(f'lookup_latents: queries reach latents outside the window {tuple(window)} at '
+                         f'{window.origin} of the {window.full_hw} grid')
+    return LatentLookup(row_idx * window[1] + col_idx, rel_coord, rel_cell, weight)
 
 
 def grid_to_rows(grid):
-    """(B, D, h, w) latent-grid features -> (B*h*w, D) rows, laid out once for gathering."""
-    return grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1])
+    """(B, D, h, w) latent-grid features -> (B*h*w, D) rows, laid out once for gathering.
+    Contiguous: with B = 1 the reshape alone is a column-major view, and gathering rows
+    from it reads D scattered cache lines per row (several times slower)."""
+    return grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]).contiguous()
 
 
 def gather_rows(rows, lookup, grid_hw):
@@ -219,6 +251,16 @@ class ImplicitSRNet(nn.Module):
 
     def prepare(self, feat):
         raise NotImplementedError
+
+    def prepare_window(self, feat, window):
+        """``prepare`` for the latents of one tile, ``window`` (a :class:`LatentWindow`) of the
+        full grid, so that ``query_prepared`` reads global coordinates against it. The default
+        fits archs whose ``prepare`` returns ``(rows, grid_hw)``; others override it."""
+        prepared = self.prepare(feat)
+        if not (isinstance(prepared, tuple) and len(prepared) == 2 and tuple(prepared[1]) == tuple(window)):
+            raise NotImplementedError(f'{type(self).__name__}: prepare() does not return (rows, grid_hw); '
+                                      'override prepare_window() to support tiled inference')
+        return prepared[0], window
 
     def query_prepared(self, prepared, coord, cell):
         raise NotImplementedError

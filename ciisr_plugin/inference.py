@@ -1,0 +1,326 @@
+"""Inference at any output size with memory bounded by the tile, not the image.
+
+:func:`upscale_tiled` cuts the LR image into tiles, runs the encoder on each tile plus a
+halo wide enough that the tile's latents come out exactly as for the whole image, and
+renders the output pixels that belong to the tile. Coordinates stay in the global frame:
+each query is placed on the full latent grid exactly as :meth:`ImplicitSRNet.upscale`
+places it (same coordinates, same nearest latent, same relative coordinate), and only the
+row it gathers is looked up in the tile's features (see
+:class:`~ciisr_plugin.archs.implicit_query.LatentWindow`). So tiled and whole-image
+results agree to float rounding of the convolutions, whatever the tile size.
+
+The halo an exact tile needs is the encoder's receptive radius (its 3x3 convolutions
+each widen it by one pixel), plus one for the 3x3 feature unfolding, plus two for the
+local ensemble's neighbouring latent (one, and one more so that float rounding at exact
+cell borders never matters). Output pixel rows are assigned to the tile that holds their
+own latent, so a query never reaches past its tile by more than that.
+
+``precision='bf16'`` runs the encoder and the decoders' matrix products in bfloat16 under
+``torch.autocast``; coordinates, nearest-latent choice and blend weights stay float32
+(autocast leaves those ops alone), and the output is float32.
+"""
+import contextlib
+import logging
+import math
+
+import torch
+from torch import nn
+
+from .archs.implicit_query import ImplicitSRNet, LatentWindow, coord_axis, make_cell
+
+logger = logging.getLogger('ciisr')
+
+PRECISIONS = ('fp32', 'bf16')
+# Halo terms beyond the encoder: the 3x3 unfold, then the ensemble neighbour (+1 margin).
+UNFOLD_RADIUS = 1
+ENSEMBLE_RADIUS = 2
+# Working-memory budget for one tile: this share of the free memory, within these bounds.
+MEMORY_SHARE = 0.25
+MIN_BUDGET = 64 << 20
+MAX_CPU_BUDGET = 1 << 30
+MIN_TILE = 32
+# On CPU, chunks whose decoder activations take about this many bytes per layer run
+# fastest: much larger ones fall out of cache (the elementwise ops between the matrix
+# products become memory-bound), much smaller ones pay per-call overhead.
+CPU_CHUNK_BYTES = 4 << 20
+
+_LOCAL_LEAVES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Identity,
+                 nn.Dropout, nn.Dropout2d)
+# BasicSR archs keep their upsampling tail in BasicSREncoder; it never runs there.
+_UNUSED_TAILS = ('net.upsample', 'net.conv_last', 'net.conv_up', 'net.conv_hr', 'net.conv_before_upsample')
+
+
+# ----------------------------------------------------------------------------------------------
+# receptive field
+def encoder_receptive_radius(encoder):
+    """How far (in LR pixels) an encoder output can see, or None if it is not local.
+
+    An encoder may declare it as ``receptive_radius`` (None = not local). Otherwise it is
+    the sum of the radii of its stride-1 convolutions - exact for chains, residual and
+    dense blocks (EDSR, RDN, RRDB: the longest path goes through every conv once) - as
+    long as every other leaf module is a pointwise activation. Anything else (pooling,
+    attention, normalisation over positions) makes the encoder non-local: None.
+    """
+    declared = getattr(encoder, 'receptive_radius', False)
+    if declared is not False:
+        return declared
+    radius = 0
+    for name, module in encoder.named_modules():
+        if next(module.children(), None) is not None or name.startswith(_UNUSED_TAILS):
+            continue
+        if isinstance(module, nn.Conv2d):
+            k, d, p = module.kernel_size, module.dilation, module.padding
+            if module.stride != (1, 1) or isinstance(p, str) and p != 'same':
+                return None
+            reach = [d[i] * (k[i] - 1) // 2 for i in range(2)]
+            if not isinstance(p, str) and list(p) != reach:
+                return None  # not 'same' padding: the output grid is not the LR grid
+            radius += max(reach)
+        elif not isinstance(module, _LOCAL_LEAVES):
+            return None
+    return radius
+
+
+def tile_halo(net):
+    """LR pixels of context each side of a tile for an exact result, or None (not local)."""
+    radius = encoder_receptive_radius(net.encoder)
+    if radius is None:
+        return None
+    return radius + (UNFOLD_RADIUS if getattr(net, 'feat_unfold', True) else 0) + ENSEMBLE_RADIUS
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+def available_memory(device):
+    """Free bytes on ``device``: CUDA's free memory, else the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # unknown: assume a small machine
+
+
+def memory_budget(device):
+    free = available_memory(device) * MEMORY_SHARE
+    if torch.device(device).type != 'cuda':
+        free = min(free, MAX_CPU_BUDGET)
+    return int(max(MIN_BUDGET, free))
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+class _Footprint:
+    """Per-latent memory of encoding + preparing, measured on a small probe crop: the widest
+    module input + output (several such maps are alive at once) and the prepared grid."""
+
+    def __init__(self, net, lq):
+        probe = lq[:1, :, :16, :16]
+        pixels = probe.shape[-2] * probe.shape[-1]
+        widest = [0.0]
+
+        def hook(module, inputs, output):
+            numel = sum(t.numel() for t in _tensors((inputs, output)) if t.dim() == 4)
+            widest[0] = max(widest[0], numel / pixels)
+
+        handles = [m.register_forward_hook(hook) for m in net.encoder.modules()]
+        try:
+            prepared = net.prepare(net.encode(probe))
+        finally:
+            for handle in handles:
+                handle.remove()
+        prepared_bytes = sum(t.numel() * t.element_size() for t in _tensors(prepared))
+        rows = next(_tensors(prepared), None)
+        self.row_width = rows.shape[-1] if rows is not None and rows.dim() == 2 else 256
+        self.per_latent = 4 * 3 * widest[0] + 2 * prepared_bytes / pixels
+
+
+def choose_tile(lq_shape, per_latent, halo, budget):
+    """Largest square LR tile whose haloed crop fits ``budget`` bytes at ``per_latent``
+    bytes per LR pixel and image; the whole image (``max(h, w)``) when it fits at once."""
+    h, w = lq_shape[-2:]
+    per_latent = per_latent * lq_shape[0]
+    if h * w * per_latent <= budget:
+        return max(h, w)
+    side = int(math.sqrt(budget / per_latent)) - 2 * halo
+    return max(MIN_TILE, side)
+
+
+def default_chunk_size(net, device, row_width=256, shifts=4):
+    """Queries decoded at once: the net's own ``chunk_size`` on GPUs; on CPU as many as keep
+    one decoder activation within :data:`CPU_CHUNK_BYTES`."""
+    if torch.device(device).type == 'cuda':
+        return net.chunk_size
+    return int(min(net.chunk_size, max(256, CPU_CHUNK_BYTES // (shifts * row_width * 4))))
+
+
+# ----------------------------------------------------------------------------------------------
+# tiling
+def _spans_from(start, stop, step):
+    return [(a, min(stop, a + step)) for a in range(start, stop, step)]
+
+
+def _spans(n, tile):
+    return _spans_from(0, n, tile)
+
+
+def _own_latent_starts(out_n, in_n):
+    """For each output pixel along one axis, the LR pixel its centre falls in, as the first
+    output index of each LR pixel (length ``in_n + 1``). Integer arithmetic: exact."""
+    starts = [0] * (in_n + 1)
+    # output i belongs to latent floor((2i + 1) * in_n / (2 * out_n))
+    for k in range(in_n + 1):
+        starts[k] = min(out_n, max(0, -(-(2 * out_n * k - in_n) // (2 * in_n))))
+    return starts
+
+
+def _supports_windows(net, lq):
+    probe = lq[:1, :, :8, :8]
+    try:
+        net.prepare_window(net.encode(probe), LatentWindow(probe.shape[-2:], (0, 0), probe.shape[-2:]))
+    except NotImplementedError:
+        return False
+    return True
+
+
+def check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got '{precision}'")
+
+
+def _autocast_factory(device, precision):
+    if precision == 'fp32':
+        return contextlib.nullcontext
+    return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', halo=None, sink=None):
+    """Render ``net``'s (B, C, H, W) output of ``lq`` (B, 3, h, w) at ``size = (H, W)``.
+
+    Args:
+        tile: LR tile side in pixels; None picks the largest that fits the memory budget
+            (the whole image when it fits).
+        chunk_size: queries decoded at once (default: :func:`default_chunk_size`).
+        precision: 'fp32' or 'bf16' (encoder and decoders in bfloat16, output float32).
+        halo: LR pixels of context around each tile. None: the exact halo
+            (:func:`tile_halo`); an encoder that is not local is then run untiled
+            (explicit ``tile`` requires an explicit ``halo``, and is approximate).
+        sink: None to return the image; else ``sink(top, left, block)`` receives every
+            rendered float32 block (B, C, bh, bw) exactly once, and nothing is kept (so
+            memory does not grow with the output) - the function returns None.
+    """
+    check_precision(precision)
+    out_h, out_w = int(size[0]), int(size[1])
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f'upscale: output size must be positive, got {out_h}x{out_w}')
+    if tile is not None and int(tile) < 1:
+        raise ValueError(f'tile must be a positive number of LR pixels, got {tile}')
+    device = lq.device
+    autocast = _autocast_factory(device, precision)
+    if sink is None:
+        out = None
+
+        def sink(top, left, block):
+            nonlocal out
+            if out is None:
+                out = block.new_empty(block.shape[0], block.shape[1], out_h, out_w)
+            out[:, :, top:top + block.shape[-2], left:left + block.shape[-1]] = block
+    else:
+        out = False
+
+    # one autocast region for the whole image: it caches the bf16 copies of the weights
+    with torch.no_grad(), autocast():
+        if not isinstance(net, ImplicitSRNet):  # fixed-scale adapters etc.: their own upscale
+            sink(0, 0, net.upscale(lq, size=(out_h, out_w)).float())
+        else:
+            _render(net, lq, (out_h, out_w), tile, chunk_size, halo, sink)
+    return None if out is False else out
+
+
+def _render(net, lq, size, tile, chunk_size, halo, sink):
+    h, w = lq.shape[-2:]
+    out_h, out_w = size
+    exact_halo = tile_halo(net)
+    if halo is None:
+        halo = exact_halo
+        if halo is None:
+            if tile is not None:
+                raise ValueError(f'encoder {type(net.encoder).__name__} is not local (its receptive field '
+                                 'is unbounded), so tiles change the result; give an explicit halo to tile '
+                                 'approximately, or no tile')
+            logger.info('encoder %s is not local: rendering untiled', type(net.encoder).__name__)
+            tile, halo = max(h, w), 0
+    elif halo < 0:
+        raise ValueError(f'halo must be >= 0 LR pixels, got {halo}')
+    elif exact_halo is None or halo < exact_halo:
+        logger.warning('tiling with halo %d (exact needs %s): results differ from whole-image inference',
+                       halo, exact_halo if exact_halo is not None else 'the whole image')
+    if tile is None or chunk_size is None:
+        footprint = _Footprint(net, lq)
+    if tile is None:
+        tile = choose_tile(lq.shape, footprint.per_latent, halo, memory_budget(lq.device))
+    if chunk_size is None:
+        shifts = 4 if getattr(net, 'local_ensemble', True) else 1
+        chunk_size = default_chunk_size(net, lq.device, footprint.row_width, shifts)
+    tile = int(tile)
+    # when every haloed crop is the whole image anyway, encode it once
+    single = all(a - halo <= 0 and z + halo >= n for n in (h, w) for a, z in _spans(n, tile))
+    if not single and not _supports_windows(net, lq):
+        logger.warning('%s cannot prepare a window of its latent grid (override prepare_window): rendering '
+                       'untiled', type(net).__name__)
+        single = True
+    if single:
+        tile = max(h, w)
+
+    rows_axis = coord_axis(out_h, lq.device)
+    cols_axis = coord_axis(out_w, lq.device)
+    row_starts, col_starts = _own_latent_starts(out_h, h), _own_latent_starts(out_w, w)
+    b = lq.shape[0]
+    for y0, y1 in _spans(h, tile):
+        i0, i1 = row_starts[y0], row_starts[y1]
+        if i0 == i1:
+            continue
+        for x0, x1 in _spans(w, tile):
+            j0, j1 = col_starts[x0], col_starts[x1]
+            if j0 == j1:
+                continue
+            if single:
+                prepared = net.prepare(net.encode(lq))
+            else:
+                cy0, cy1 = max(0, y0 - halo), min(h, y1 + halo)
+                cx0, cx1 = max(0, x0 - halo), min(w, x1 + halo)
+                feat = net.encode(lq[:, :, cy0:cy1, cx0:cx1])
+                window = LatentWindow((cy1 - cy0, cx1 - cx0), (cy0, cx0), (h, w))
+                prepared = net.prepare_window(feat, window)
+                del feat
+            # decode blocks of about chunk_size queries: whole rows of the tile when they fit
+            width = min(j1 - j0, chunk_size)
+            band = max(1, chunk_size // width)
+            for r0, r1 in _spans_from(i0, i1, band):
+                for c0, c1 in _spans_from(j0, j1, width):
+                    coord = torch.stack(torch.meshgrid(rows_axis[r0:r1], cols_axis[c0:c1], indexing='ij'), dim=-1)
+                    coord = coord.view(1, -1, 2).expand(b, -1, -1)
+                    cell = make_cell((out_h, out_w), coord.shape[1], lq.device).unsqueeze(0).expand(b, -1, -1)
+                    pred = net.denormalise(net.query_prepared(prepared, coord, cell).float())
+                    sink(r0, c0, pred.view(b, r1 - r0, c1 - c0, -1).permute(0, 3, 1, 2))
+            del prepared
+

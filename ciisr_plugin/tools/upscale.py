@@ -1,0 +1,379 @@
+"""``basicsr upscale``: super-resolve image files or folders with any checkpoint.
+
+    basicsr upscale INPUT... -o OUT --model CKPT (--scale S | --scale SHxSW | --size WxH)
+                    [--device cpu|cuda] [--tile N] [--halo N] [--precision fp32|bf16]
+                    [--allow-pickle] [--force]
+
+INPUT is image files and/or folders (their images, not recursive). With one input file, OUT
+may be a file name whose extension picks the format (PNG, JPEG, WebP, TIFF, BMP); otherwise
+OUT is a folder and each output keeps its input's name. The RGB channels go through the
+model; an alpha channel is upscaled bicubically and re-attached; grayscale stays grayscale
+(the luma of the model's output); 16-bit PNG/TIFF stay 16-bit. Outputs are written to a
+temporary name in the same folder and renamed, so a file is never left half-written.
+
+Everything is checked before any work: missing or unreadable files, folders without images,
+scales that are not positive finite numbers, and outputs larger than
+:data:`MAX_OUTPUT_PIXELS` (pass ``--force`` to go beyond) end in one error line and exit
+status 2.
+"""
+import io
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+MAX_OUTPUT_PIXELS = 16384 * 16384  # 268 megapixels; --force lifts it
+WRITABLE = ('.png', '.jpg', '.jpeg', '.webp', '.tif', '.tiff', '.bmp')
+_MAX_SIDE = {'.webp': 16383, '.jpg': 65535, '.jpeg': 65535}  # what the encoders can store
+_KEEPS_16BIT = ('.png', '.tif', '.tiff')
+_KEEPS_FLOAT = ('.tif', '.tiff')
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2's RGB2GRAY
+PROG = 'basicsr upscale'
+
+
+class UpscaleError(ValueError):
+    """Bad input to ``basicsr upscale``: reported as one line, exit status 2."""
+
+
+def add_arguments(parser):
+    parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image files and/or folders of images')
+    parser.add_argument('-o', '--output', required=True, metavar='OUT',
+                        help='output folder, or an output file name (one input file; extension picks the format)')
+    parser.add_argument('--model', required=True, metavar='CKPT',
+                        help="checkpoint: this plugin's or the LIIF / A-LIIF authors'")
+    parser.add_argument('--scale', metavar='S|SHxSW', help='scale factor, or height x width factors (e.g. 3.7, 2x3)')
+    parser.add_argument('--size', metavar='WxH', help='output size in pixels, width x height (e.g. 1920x1080)')
+    parser.add_argument('--device', default=None, help='cpu or cuda[:N] (default: cuda when available)')
+    parser.add_argument('--tile', type=int, default=None, metavar='N',
+                        help='LR tile side in pixels (default: chosen from free memory; the result is the same)')
+    parser.add_argument('--halo', type=int, default=None, metavar='N',
+                        help='LR pixels of context around tiles (default: exact, from the encoder)')
+    parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32',
+                        help='bf16 runs the networks in bfloat16 (faster on CPUs with bf16 / AMX and on GPUs)')
+    parser.add_argument('--allow-pickle', action='store_true',
+                        help='allow unpickling arbitrary objects in the checkpoint (only for files you trust)')
+    parser.add_argument('--force', action='store_true',
+                        help=f'allow outputs over {MAX_OUTPUT_PIXELS / 1e6:.0f} megapixels (16384 x 16384)')
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments
+_NUMBER = r'\s*([^x\s]+)\s*'
+
+
+def _positive_float(text, what):
+    try:
+        value = float(text)
+    except ValueError:
+        raise UpscaleError(f"{what} '{text}' is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UpscaleError(f'{what} must be a positive finite number, got {text}')
+    return value
+
+
+def parse_scale(text):
+    """'3.7' -> (3.7, 3.7); '2x3' -> (2.0, 3.0) as (height, width) factors."""
+    parts = re.fullmatch(_NUMBER + r'(?:[x*]' + _NUMBER + ')?', text.lower())
+    if parts is None:
+        raise UpscaleError(f"--scale '{text}' is not S or SHxSW (e.g. 4, 3.7, 2x3)")
+    sh = _positive_float(parts.group(1), '--scale')
+    sw = _positive_float(parts.group(2), '--scale') if parts.group(2) else sh
+    return sh, sw
+
+
+def parse_size(text):
+    """'WxH' -> (H, W) in pixels."""
+    parts = re.fullmatch(r'\s*(\d+)\s*[x*]\s*(\d+)\s*', text.lower())
+    if parts is None:
+        raise UpscaleError(f"--size '{text}' is not WxH in whole pixels (e.g. 1920x1080)")
+    width, height = int(parts.group(1)), int(parts.group(2))
+    if width <= 0 or height <= 0:
+        raise UpscaleError(f'--size must be positive, got {text}')
+    return height, width
+
+
+def output_size(in_hw, scale=None, size=None):
+    if size is not None:
+        return size
+    return max(1, round(in_hw[0] * scale[0])), max(1, round(in_hw[1] * scale[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# images
+class Picture:
+    """A decoded image: ``rgb`` (h, w, 3) in its native dtype, ``alpha`` (h, w) or None,
+    and whether it was grayscale."""
+
+    def __init__(self, rgb, alpha=None, gray=False):
+        self.rgb, self.alpha, self.gray = rgb, alpha, gray
+
+
+def _header(content):
+    """PIL's (mode, size, has-alpha) without decoding the pixels; None if PIL can't parse it."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(content)) as img:
+            alpha = img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info
+            return img.mode, img.size, alpha
+    except Exception:  # noqa: BLE001  (any failure: let the full decoder judge it)
+        return None
+
+
+def read_picture(path):
+    """Decode ``path`` with :mod:`ciisr_plugin.data.image_io`'s rules, keeping alpha."""
+    import cv2
+
+    from ..data.image_io import decode_image, read_bytes
+    content = read_bytes(path)
+    rgb = decode_image(content, path)  # one-line ValueError for empty / corrupt files
+    header = _header(content)
+    gray = header is not None and header[0] in ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
+    alpha = None
+    if header is not None and header[2]:
+        full = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+        if full is not None and full.ndim == 3 and full.shape[2] in (2, 4) and full.shape[:2] == rgb.shape[:2]:
+            alpha = full[:, :, -1]
+            if alpha.dtype != rgb.dtype:  # keep alpha on the colour channels' scale
+                alpha = _convert(_to_unit(alpha), rgb.dtype)
+    return Picture(rgb, alpha, gray)
+
+
+def image_size(path):
+    """(h, w) of an image file, reading only its header when possible."""
+    from ..data.image_io import decode_image, read_bytes
+    content = read_bytes(path)
+    if not content:
+        raise UpscaleError(f'{path}: empty file (0 bytes), not an image')
+    header = _header(content)
+    if header is not None:
+        return header[1][1], header[1][0]
+    return decode_image(content, path).shape[:2]
+
+
+def _to_unit(array):
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535
+    return np.clip(array.astype(np.float32), 0, 1)
+
+
+def _convert(unit, dtype):
+    """[0, 1] floats -> ``dtype`` (uint8, uint16 or float32), rounded and clipped."""
+    unit = np.clip(unit, 0, 1)
+    if dtype == np.uint8:
+        return (unit * 255 + 0.5).astype(np.uint8)
+    if dtype == np.uint16:
+        return (unit * 65535 + 0.5).astype(np.uint16)
+    return unit.astype(np.float32)
+
+
+def output_dtype(in_dtype, ext):
+    if in_dtype == np.uint16 and ext in _KEEPS_16BIT:
+        return np.uint16
+    if in_dtype == np.float32:
+        return np.float32 if ext in _KEEPS_FLOAT else (np.uint16 if ext in _KEEPS_16BIT else np.uint8)
+    return np.uint8
+
+
+def write_atomic(path, array):
+    """Encode ``array`` (BGR / BGRA / gray, as OpenCV expects) by ``path``'s extension and
+    write it via a temporary file in the same folder + rename."""
+    import cv2
+    ext = os.path.splitext(path)[1].lower()
+    params = {'.jpg': [cv2.IMWRITE_JPEG_QUALITY, 95], '.jpeg': [cv2.IMWRITE_JPEG_QUALITY, 95],
+              '.webp': [cv2.IMWRITE_WEBP_QUALITY, 95]}.get(ext, [])
+    ok, encoded = cv2.imencode(ext, array, params)
+    if not ok:
+        raise UpscaleError(f'{path}: the {ext} encoder refused a {array.shape} {array.dtype} image')
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(encoded.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# planning: every check before any work
+def _collect_inputs(inputs):
+    from ..data.image_io import is_image_file
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, n) for n in os.listdir(item)
+                           if is_image_file(n) and os.path.isfile(os.path.join(item, n)))
+            if not found:
+                raise UpscaleError(f'{item}: folder has no images (.png, .jpg, .webp, .tif, ...)')
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise UpscaleError(f'{item}: no such file or folder')
+    return files
+
+
+def plan(inputs, output):
+    """[(source, destination)] for ``inputs`` and ``-o output``."""
+    files = _collect_inputs(inputs)
+    ext = os.path.splitext(output)[1].lower()
+    single_file = len(inputs) == 1 and os.path.isfile(inputs[0])
+    if not os.path.isdir(output) and ext:
+        if ext not in WRITABLE and (ext in _image_extensions() or single_file):
+            raise UpscaleError(f"-o {output}: cannot write '{ext}' images; use one of {', '.join(WRITABLE)}")
+        if ext in WRITABLE:
+            if not single_file:
+                raise UpscaleError(f'-o {output} is a file name but {len(files)} images are given; give a folder')
+            jobs = [(files[0], output)]
+            _check_not_inputs(jobs)
+            return jobs
+    jobs, seen = [], {}
+    for src in files:
+        name = os.path.basename(src)
+        if os.path.splitext(name)[1].lower() not in WRITABLE:
+            name = os.path.splitext(name)[0] + '.png'
+        dst = os.path.join(output, name)
+        if dst in seen:
+            raise UpscaleError(f'{src} and {seen[dst]} would both be written to {dst}')
+        seen[dst] = src
+        jobs.append((src, dst))
+    _check_not_inputs(jobs)
+    return jobs
+
+
+def _image_extensions():
+    from ..data.image_io import IMAGE_EXTENSIONS
+    return IMAGE_EXTENSIONS
+
+
+def _check_not_inputs(jobs):
+    sources = {os.path.realpath(src) for src, _ in jobs}
+    for src, dst in jobs:
+        if os.path.realpath(dst) in sources:
+            raise UpscaleError(f'{dst}: output would overwrite an input image; choose another -o')
+
+
+def _check_size(dst, size, force):
+    out_h, out_w = size
+    ext = os.path.splitext(dst)[1].lower()
+    if max(out_h, out_w) > _MAX_SIDE.get(ext, 1 << 31):
+        raise UpscaleError(f'{dst}: {out_w}x{out_h} exceeds what {ext} can store '
+                           f'({_MAX_SIDE[ext]} pixels a side); use .png or .tif')
+    if out_h * out_w > MAX_OUTPUT_PIXELS and not force:
+        raise UpscaleError(f'{dst}: output {out_w}x{out_h} is {out_h * out_w / 1e6:.0f} megapixels, over the '
+                           f'{MAX_OUTPUT_PIXELS / 1e6:.0f} MP limit; pass --force to render it anyway')
+
+
+def _device(name):
+    import torch
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UpscaleError(f"--device '{name}' is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UpscaleError(f'--device {name}: CUDA is not available on this machine')
+    if device.type not in ('cpu', 'cuda'):
+        raise UpscaleError(f"--device '{name}': only cpu and cuda are supported")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, precision='fp32', progress=None):
+    """Model output of ``picture`` at ``size`` (H, W) as the array to encode (BGR[A] / gray)."""
+    import cv2
+    import torch
+
+    from ..data.image_io import to_float01
+    from ..inference import upscale_tiled
+
+    out_h, out_w = size
+    dtype = output_dtype(picture.rgb.dtype, dst_ext)
+    channels = 1 if picture.gray and picture.alpha is None else (4 if picture.alpha is not None else 3)
+    out = np.empty((out_h, out_w, channels), dtype)
+
+    def sink(top, left, block):
+        rgb = block[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        rows, cols = slice(top, top + rgb.shape[0]), slice(left, left + rgb.shape[1])
+        if picture.gray:
+            luma = rgb[:, :, 0] * _LUMA[0] + rgb[:, :, 1] * _LUMA[1] + rgb[:, :, 2] * _LUMA[2]
+            out[rows, cols, :min(channels, 3)] = _convert(luma, dtype)[:, :, None]
+        else:
+            out[rows, cols, :3] = _convert(rgb[:, :, ::-1], dtype)  # RGB -> OpenCV's BGR
+        if progress is not None:
+            progress(rgb.shape[0] * rgb.shape[1])
+
+    lq = torch.from_numpy(to_float01(picture.rgb)).permute(2, 0, 1).unsqueeze(0).to(device)
+    upscale_tiled(net, lq, (out_h, out_w), tile=tile, precision=precision, halo=halo, sink=sink)
+    if picture.alpha is not None:
+        alpha = cv2.resize(_to_unit(picture.alpha), (out_w, out_h), interpolation=cv2.INTER_CUBIC)
+        out[:, :, 3] = _convert(alpha, dtype)
+    return out[:, :, 0] if channels == 1 else out
+
+
+def keep_freed_buffers():
+    """Let glibc keep freed memory below 128 MB instead of returning it to the OS. Decoding
+    allocates and frees the same few-MB activations for every chunk of queries; by default
+    glibc unmaps them and the next chunk page-faults them back in, which costs up to half
+    the decoding time on CPU. No-op off glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: only >= 64 MB blocks get their own mapping
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep up to 128 MB free at the heap top
+    except (OSError, AttributeError):
+        pass
+
+
+def run(args):
+    """Exit status: 0 when every image was written, 2 on bad input (one line on stderr)."""
+    try:
+        return _run(args)
+    except (ValueError, OSError) as err:  # UpscaleError, CheckpointError, decoding, unwritable -o
+        message = str(err) if isinstance(err, ValueError) else f'{err.filename or ""}: {err.strerror or err}'
+        print(f'{PROG}: error: {" ".join(message.split())}', file=sys.stderr)
+        return 2
+
+
+def _run(args):
+    from tqdm import tqdm
+
+    if (args.scale is None) == (args.size is None):
+        raise UpscaleError('give exactly one of --scale S|SHxSW and --size WxH')
+    scale = parse_scale(args.scale) if args.scale is not None else None
+    size = parse_size(args.size) if args.size is not None else None
+    if args.tile is not None and args.tile < 1:
+        raise UpscaleError(f'--tile must be a positive number of pixels, got {args.tile}')
+    if args.halo is not None and args.halo < 0:
+        raise UpscaleError(f'--halo must be >= 0, got {args.halo}')
+    device = _device(args.device)
+    jobs = plan(args.inputs, args.output)
+    sizes = []
+    for src, dst in jobs:
+        out_size = output_size(image_size(src), scale, size)
+        _check_size(dst, out_size, args.force)
+        sizes.append(out_size)
+
+    from ..checkpoint import load_model
+    keep_freed_buffers()
+    net = load_model(args.model, device=device, allow_pickle=args.allow_pickle)
+
+    for (src, dst), out_size in zip(jobs, sizes):
+        picture = read_picture(src)
+        ext = os.path.splitext(dst)[1].lower()
+        with tqdm(total=out_size[0] * out_size[1], desc=os.path.basename(src), unit='px', unit_scale=True,
+                  leave=False, disable=None) as bar:
+            array = upscale_picture(net, picture, out_size, device, ext, args.tile, args.halo, args.precision,
+                                    bar.update)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        write_atomic(dst, array)
+        print(f'{src} -> {dst} ({out_size[1]}x{out_size[0]})')
+    return 0

@@ -1,0 +1,432 @@
+"""Tiled / bf16 inference, ``basicsr upscale`` and ``basicsr export``.
+
+References are independent of the code under test: whole-image ``net.upscale`` (itself
+checked against the literal LIIF formulation and the authors' fixtures in test_liif.py),
+receptive fields measured by perturbing one input pixel, bicubic alpha from
+``F.interpolate``, and torch for the ONNX graph.
+"""
+import argparse
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ciisr_plugin  # noqa: F401  (before basicsr: applies the compat fixes)
+from basicsr.archs import build_network
+
+from ciisr_plugin import inference
+from ciisr_plugin.archs.implicit_query import LatentWindow, lookup_latents, make_cell, make_coord
+from ciisr_plugin.checkpoint import describe
+from ciisr_plugin.inference import encoder_receptive_radius, tile_halo, upscale_tiled
+from ciisr_plugin.tools import export as export_tool
+from ciisr_plugin.tools import upscale as upscale_tool
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # tiny tensors: one thread is faster, and immune to stalls when other processes share the cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_EDSR = {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 1}
+TINY_LIIF = {'type': 'LIIF', 'encoder': TINY_EDSR, 'hidden_list': [16, 16]}
+TINY_ALIIF = {'type': 'ALIIF', 'encoder': TINY_EDSR, 'num_basis': 3, 'basis_hidden': [8, 8],
+              'expansion_hidden': [16]}
+
+
+def build(opt, **flags):
+    torch.manual_seed(0)
+    net = build_network({**opt, **flags}).eval()
+    with torch.no_grad():  # no zero biases: every term must matter
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def whole(net, lq, size):
+    with torch.no_grad():
+        return net.upscale(lq, size=size)
+
+
+# ----------------------------------------------------------------------------------------------
+# receptive field
+def measured_radius(encoder, width):
+    """Farthest output column that responds to one lit pixel of a dark 1-row image. With
+    non-negative weights and no biases nothing cancels and ReLUs pass everything, so the
+    response is non-zero exactly on the receptive field (which depends only on the wiring)."""
+    encoder = encoder.double().eval()
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            p.abs_() if name.endswith('weight') else p.zero_()
+        if hasattr(getattr(encoder, 'net', None), 'mean'):
+            encoder.net.mean = torch.zeros_like(encoder.net.mean)  # BasicSR's mean shift
+        x = torch.zeros(1, 3, 1, width, dtype=torch.float64)
+        x[..., width // 2] = 1
+        cols = torch.nonzero(encoder(x).amax(dim=(0, 1, 2)) > 0).flatten()
+    return int(max(width // 2 - cols.min(), cols.max() - width // 2))
+
+
+@pytest.mark.parametrize('opt, expected', [
+    ({'type': 'EDSREncoder', 'num_feat': 4, 'num_block': 2}, 6),
+    ({'type': 'EDSREncoder', 'num_feat': 4}, 34),  # EDSR-baseline depth: 16 blocks
+    ({'type': 'RDNEncoder', 'num_feat': 4, 'config': 'A'}, 123),
+    ({'type': 'BasicSREncoder', 'arch': 'EDSR', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 4, 'num_block': 2,
+      'upscale': 2}, 6),
+])
+def test_receptive_radius_is_the_measured_one(opt, expected):
+    torch.manual_seed(0)
+    encoder = build_network(opt)
+    assert encoder_receptive_radius(encoder) == expected
+    assert measured_radius(encoder, 2 * expected + 9) == expected
+
+
+def test_nonlocal_encoder_has_no_radius_and_is_not_tiled():
+    rcan = build_network({'type': 'BasicSREncoder', 'arch': 'RCAN', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8,
+                          'num_group': 1, 'num_block': 1, 'squeeze_factor': 4, 'upscale': 2})
+    assert encoder_receptive_radius(rcan) is None  # channel attention pools the whole image
+    net = build({'type': 'LIIF', 'hidden_list': [8], 'encoder': {
+        'type': 'BasicSREncoder', 'arch': 'RCAN', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_group': 1,
+        'num_block': 1, 'squeeze_factor': 4, 'upscale': 2}})
+    assert tile_halo(net) is None
+    lq = torch.rand(1, 3, 12, 10)
+    assert (upscale_tiled(net, lq, (30, 17)) - whole(net, lq, (30, 17))).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match='not local'):
+        upscale_tiled(net, lq, (30, 17), tile=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine's window lookup
+def test_window_lookup_is_the_global_lookup_shifted():
+    h, w = 9, 11
+    coord = make_coord((31, 26)).unsqueeze(0)
+    cell = make_cell((31, 26), coord.shape[1]).unsqueeze(0)
+    # the queries whose latents all lie in rows 2..6, cols 3..9
+    full = lookup_latents(coord, cell, (h, w))
+    rows, cols = full.index // w, full.index % w
+    inside = ((rows >= 2) & (rows < 7) & (cols >= 3) & (cols < 10)).all(dim=0)[0]
+    sub_coord, sub_cell = coord[:, inside], cell[:, inside]
+    ref = lookup_latents(sub_coord, sub_cell, (h, w))
+    got = lookup_latents(sub_coord, sub_cell, LatentWindow((5, 7), (2, 3), (h, w)))
+    assert torch.equal(got.index, (ref.index // w - 2) * 7 + (ref.index % w - 3))
+    for a, b in ((got.rel_coord, ref.rel_coord), (got.rel_cell, ref.rel_cell), (got.weight, ref.weight)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='outside the window'):
+        lookup_latents(coord, cell, LatentWindow((5, 7), (2, 3), (h, w)))
+
+
+# ----------------------------------------------------------------------------------------------
+# tiling
+class CountingEncodes:
+    """Records the LR crop sizes the net encodes."""
+
+    def __init__(self, net):
+        self.shapes = []
+        self.encode = net.encode
+        net.encode = self
+
+    def __call__(self, lq):
+        self.shapes.append(tuple(lq.shape[-2:]))
+        return self.encode(lq)
+
+
+@pytest.mark.parametrize('opt', [TINY_LIIF, TINY_ALIIF], ids=['LIIF', 'ALIIF'])
+@pytest.mark.parametrize('flags', [{}, {'feat_unfold': False}, {'local_ensemble': False}, {'cell_decode': False}])
+def test_tiled_equals_whole_image(opt, flags):
+    net = build(opt, **flags)
+    lq = torch.rand(2, 3, 23, 19)
+    for size, tile, chunk in [((71, 40), 4, 97), ((69, 57), 7, 1000), ((80, 95), 1, 50), ((17, 11), 5, 64)]:
+        ref = whole(net, lq, size)  # anisotropic non-integer, integer x3, x3.5/x5, downscale
+        counter = CountingEncodes(net)
+        out = upscale_tiled(net, lq, size, tile=tile, chunk_size=chunk)
+        del net.encode
+        assert any(s != (23, 19) for s in counter.shapes), 'no real tile was cut'
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() <= 1e-5, (size, tile)
+
+
+def test_edsr_baseline_depth_tiles_exactly():
+    net = build({'type': 'LIIF', 'hidden_list': [16], 'encoder': {'type': 'EDSREncoder', 'num_feat': 4}})
+    assert tile_halo(net) == 34 + 1 + 2
+    lq = torch.rand(1, 3, 85, 81)
+    ref = whole(net, lq, (197, 230))
+    counter = CountingEncodes(net)
+    out = upscale_tiled(net, lq, (197, 230), tile=20, chunk_size=4096)
+    assert min(counter.shapes) < (85, 81)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_too_small_halo_is_wrong():
+    # the test above could not pass with a halo that misses context
+    net = build(TINY_LIIF)
+    lq = torch.rand(1, 3, 23, 19)
+    ref = whole(net, lq, (71, 40))
+    out = upscale_tiled(net, lq, (71, 40), tile=4, halo=tile_halo(net) - 3)
+    assert (out - ref).abs().max().item() > 1e-4
+
+
+def test_sink_gets_every_pixel_once_and_auto_tile_follows_the_budget(monkeypatch):
+    net = build(TINY_LIIF)
+    lq = torch.rand(1, 3, 40, 33)
+    ref = whole(net, lq, (101, 77))
+    monkeypatch.setattr(inference, 'memory_budget', lambda device: 400_000)  # bytes: forces ~4 tiles
+    counter = CountingEncodes(net)
+    hits = torch.zeros(101, 77, dtype=torch.int32)
+    got = torch.zeros(1, 3, 101, 77)
+
+    def sink(top, left, block):
+        hits[top:top + block.shape[-2], left:left + block.shape[-1]] += 1
+        got[:, :, top:top + block.shape[-2], left:left + block.shape[-1]] = block
+
+    assert upscale_tiled(net, lq, (101, 77), sink=sink) is None
+    assert 1 < len(counter.shapes) < 40
+    assert torch.equal(hits, torch.ones_like(hits))
+    assert (got - ref).abs().max().item() <= 1e-5
+
+
+def test_auto_tile_is_whole_image_when_it_fits():
+    assert inference.choose_tile((1, 3, 50, 70), per_latent=1000, halo=37, budget=10 ** 9) == 70
+    assert inference.choose_tile((1, 3, 5000, 7000), per_latent=1000, halo=37, budget=10 ** 8) == 316 - 74
+
+
+def test_arch_without_window_support_renders_untiled(monkeypatch):
+    net = build(TINY_LIIF)
+    lq = torch.rand(1, 3, 23, 19)
+
+    def unsupported(feat, window):
+        raise NotImplementedError
+    monkeypatch.setattr(net, 'prepare_window', unsupported)
+    assert (upscale_tiled(net, lq, (40, 33), tile=4) - whole(net, lq, (40, 33))).abs().max().item() <= 1e-5
+
+
+def test_fixed_scale_models_use_their_own_upscale():
+    net = build_network({'type': 'BicubicSR', 'kernel': 'torch'})
+    lq = torch.rand(1, 3, 9, 8)
+    assert torch.equal(upscale_tiled(net, lq, (20, 30)), net.upscale(lq, (20, 30)))
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16
+def test_bf16_latent_choice_stays_float32():
+    coord = make_coord((37, 29)).unsqueeze(0)
+    cell = make_cell((37, 29), coord.shape[1]).unsqueeze(0)
+    ref = lookup_latents(coord, cell, (11, 9))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = lookup_latents(coord, cell, (11, 9))
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize('opt', [TINY_LIIF, TINY_ALIIF], ids=['LIIF', 'ALIIF'])
+def test_bf16_close_to_fp32(opt):
+    # bfloat16 keeps 8 significant bits (relative rounding 2**-9 per operation); through a
+    # few layers that stays well inside one 8-bit output level (1/255), which is the bound:
+    # bf16 output must not change a saved 8-bit image by more than one level.
+    net = build(opt)
+    lq = torch.rand(1, 3, 23, 19)
+    ref = whole(net, lq, (71, 40))
+    out = upscale_tiled(net, lq, (71, 40), tile=6, precision='bf16')
+    err = (out - ref).abs()
+    assert out.dtype == torch.float32
+    assert err.max().item() <= 1 / 255
+    assert err.max().item() > 1e-6  # it did run in bf16
+
+
+# ----------------------------------------------------------------------------------------------
+# basicsr upscale
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    net = build(TINY_LIIF)
+    path = tmp_path_factory.mktemp('ckpt') / 'tiny_liif.pth'
+    torch.save(describe(TINY_LIIF, net.state_dict()), path)
+    return str(path), net
+
+
+def upscale_cli(*argv):
+    parser = argparse.ArgumentParser()
+    upscale_tool.add_arguments(parser)
+    return upscale_tool.run(parser.parse_args([str(a) for a in argv]))
+
+
+def expected_image(net, rgb01, size):
+    """The model's output of an HxWx3 [0, 1] image at ``size``, as HxWx3 floats in [0, 1]."""
+    lq = torch.from_numpy(rgb01).permute(2, 0, 1).unsqueeze(0).float()
+    return whole(net, lq, size)[0].clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def photo(size=(36, 40)):
+    from skimage import data
+    return cv2.resize(data.astronaut(), (size[1], size[0]), interpolation=cv2.INTER_AREA)  # RGB uint8
+
+
+def test_upscale_photo_non_integer_scale_and_size(tmp_path, checkpoint):
+    ckpt, net = checkpoint
+    rgb = photo()
+    src = tmp_path / 'astronaut.png'
+    cv2.imwrite(str(src), rgb[:, :, ::-1])
+    assert upscale_cli(src, '-o', tmp_path / 'x3.7.png', '--model', ckpt, '--scale', '3.7', '--tile', '8') == 0
+    got = cv2.imread(str(tmp_path / 'x3.7.png'), cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+    assert got.shape == (133, 148, 3)  # round(36 * 3.7), round(40 * 3.7)
+    want = expected_image(net, rgb / np.float32(255), (133, 148)) * 255
+    assert np.abs(got - want).max() <= 0.5 + 1e-3
+
+    assert upscale_cli(src, '-o', tmp_path / 'sized.jpg', '--model', ckpt, '--size', '50x30') == 0
+    assert cv2.imread(str(tmp_path / 'sized.jpg')).shape == (30, 50, 3)
+    assert upscale_cli(src, '-o', tmp_path / 'aniso.webp', '--model', ckpt, '--scale', '2x3',
+                       '--precision', 'bf16') == 0
+    assert cv2.imread(str(tmp_path / 'aniso.webp')).shape == (72, 120, 3)
+    assert sorted(os.listdir(tmp_path)) == ['aniso.webp', 'astronaut.png', 'sized.jpg', 'x3.7.png']
+
+
+def test_upscale_folder_keeps_names_and_formats(tmp_path, checkpoint):
+    ckpt, _ = checkpoint
+    (tmp_path / 'in').mkdir()
+    cv2.imwrite(str(tmp_path / 'in' / 'a.png'), photo((10, 12)))
+    cv2.imwrite(str(tmp_path / 'in' / 'b.tif'), photo((8, 9)))
+    (tmp_path / 'in' / 'notes.txt').write_text('not an image')
+    assert upscale_cli(tmp_path / 'in', '-o', tmp_path / 'out', '--model', ckpt, '--scale', '2') == 0
+    assert sorted(os.listdir(tmp_path / 'out')) == ['a.png', 'b.tif']
+    assert cv2.imread(str(tmp_path / 'out' / 'b.tif')).shape == (16, 18, 3)
+
+
+def test_upscale_grayscale_stays_gray(tmp_path, checkpoint):
+    ckpt, net = checkpoint
+    gray = cv2.cvtColor(photo(), cv2.COLOR_RGB2GRAY)
+    cv2.imwrite(str(tmp_path / 'g.png'), gray)
+    assert upscale_cli(tmp_path / 'g.png', '-o', tmp_path / 'o.png', '--model', ckpt, '--scale', '2') == 0
+    got = cv2.imread(str(tmp_path / 'o.png'), cv2.IMREAD_UNCHANGED)
+    assert got.shape == (72, 80) and got.dtype == np.uint8
+    out = expected_image(net, np.repeat(gray[:, :, None] / np.float32(255), 3, axis=2), (72, 80))
+    want = (out @ np.array([0.299, 0.587, 0.114], np.float32)) * 255
+    assert np.abs(got - want).max() <= 0.5 + 1e-3
+
+
+def test_upscale_rgba_reattaches_bicubic_alpha(tmp_path, checkpoint):
+    ckpt, net = checkpoint
+    rgb = photo((20, 24))
+    alpha = np.tile(np.linspace(0, 255, 24, dtype=np.float32), (20, 1)).astype(np.uint8)
+    alpha[5:9, 5:9] = 0
+    cv2.imwrite(str(tmp_path / 'a.png'), np.dstack([rgb[:, :, ::-1], alpha]))
+    assert upscale_cli(tmp_path / 'a.png', '-o', tmp_path / 'o.png', '--model', ckpt, '--scale', '2.5') == 0
+    got = cv2.imread(str(tmp_path / 'o.png'), cv2.IMREAD_UNCHANGED)
+    assert got.shape == (50, 60, 4)
+    want_rgb = expected_image(net, rgb / np.float32(255), (50, 60)) * 255
+    assert np.abs(got[:, :, 2::-1] - want_rgb).max() <= 0.5 + 1e-3
+    want_alpha = F.interpolate(torch.from_numpy(alpha / np.float32(255))[None, None], size=(50, 60),
+                               mode='bicubic', align_corners=False).clamp(0, 1)[0, 0].numpy() * 255
+    assert np.abs(got[:, :, 3] - want_alpha).max() <= 0.5 + 1e-3
+
+
+def test_upscale_16bit_png_stays_16bit(tmp_path, checkpoint):
+    ckpt, net = checkpoint
+    rgb16 = (photo((18, 16)).astype(np.uint16) * 257 + np.arange(16, dtype=np.uint16)[None, :, None])
+    cv2.imwrite(str(tmp_path / 'd.png'), rgb16[:, :, ::-1])
+    assert upscale_cli(tmp_path / 'd.png', '-o', tmp_path / 'o.png', '--model', ckpt, '--scale', '3') == 0
+    got = cv2.imread(str(tmp_path / 'o.png'), cv2.IMREAD_UNCHANGED)
+    assert got.dtype == np.uint16 and got.shape == (54, 48, 3)
+    want = expected_image(net, rgb16 / np.float32(65535), (54, 48)) * 65535
+    assert np.abs(got[:, :, ::-1] - want).max() <= 0.5 + 0.05
+    assert len(np.unique(got)) > 256  # really 16-bit content, not 8-bit scaled up
+
+
+def _bad_cases(tmp, ckpt):
+    img = tmp / 'ok.png'
+    (tmp / 'empty.png').write_bytes(b'')
+    (tmp / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(200))
+    (tmp / 'noimages').mkdir()
+    (tmp / 'noimages' / 'readme.txt').write_text('x')
+    (tmp / 'bad.pth').write_bytes(b'not a checkpoint')
+    out = ['-o', tmp / 'out' / 'r.png', '--model', ckpt]
+    return {
+        'missing file': [tmp / 'nope.png', *out, '--scale', '2'],
+        'zero-byte image': [tmp / 'empty.png', *out, '--scale', '2'],
+        'corrupt image': [tmp / 'corrupt.png', *out, '--scale', '2'],
+        'folder without images': [tmp / 'noimages', '-o', tmp / 'out', '--model', ckpt, '--scale', '2'],
+        'scale 0': [img, *out, '--scale', '0'],
+        'negative scale': [img, *out, '--scale', '-2'],
+        'nan scale': [img, *out, '--scale', 'nan'],
+        'inf scale': [img, *out, '--scale', '2xinf'],
+        'not a scale': [img, *out, '--scale', 'big'],
+        'zero size': [img, *out, '--size', '0x10'],
+        'absurd size': [img, *out, '--size', '100000x100000'],
+        'webp too large': [img, '-o', tmp / 'out' / 'r.webp', '--model', ckpt, '--size', '20000x10'],
+        'scale and size': [img, *out, '--scale', '2', '--size', '10x10'],
+        'neither scale nor size': [img, *out],
+        'file output, two inputs': [img, img, *out, '--scale', '2'],
+        'unwritable format': [img, '-o', tmp / 'out' / 'r.gif', '--model', ckpt, '--scale', '2'],
+        'bad checkpoint': [img, '-o', tmp / 'out' / 'r.png', '--model', tmp / 'bad.pth', '--scale', '2'],
+        'missing checkpoint': [img, '-o', tmp / 'out' / 'r.png', '--model', tmp / 'no.pth', '--scale', '2'],
+        'zero tile': [img, *out, '--scale', '2', '--tile', '0'],
+        'overwrite input': [img, '-o', img, '--model', ckpt, '--scale', '2'],
+    }
+
+
+def test_upscale_bad_input_exits_2_with_one_line_and_no_output(tmp_path, checkpoint, capsys):
+    ckpt, _ = checkpoint
+    cv2.imwrite(str(tmp_path / 'ok.png'), photo((8, 8)))
+    before = set(os.listdir(tmp_path))
+    cases = _bad_cases(tmp_path, ckpt)
+    created = set(os.listdir(tmp_path)) - before
+    for name, argv in cases.items():
+        capsys.readouterr()
+        assert upscale_cli(*argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith('basicsr upscale: error: '), (name, err)
+        assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out'), name
+        assert set(os.listdir(tmp_path)) - before == created, name  # nothing written, no temp files
+    assert (tmp_path / 'ok.png').stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# basicsr export
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        if os.environ.get('CIISR_ALLOW_NO_ONNX'):
+            pytest.skip('onnxruntime not installed (CIISR_ALLOW_NO_ONNX set)')
+        pytest.fail('ONNX export tests need the onnx extra: pip install -e ".[onnx]" '
+                    '(or set CIISR_ALLOW_NO_ONNX=1 to skip them)')
+    return onnxruntime
+
+
+def export_cli(*argv):
+    parser = argparse.ArgumentParser()
+    export_tool.add_arguments(parser)
+    return export_tool.run(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.mark.parametrize('opt', [TINY_LIIF, TINY_ALIIF], ids=['LIIF', 'ALIIF'])
+def test_onnx_export_matches_torch_at_any_size(tmp_path, opt):
+    ort = _onnxruntime()
+    net = build(opt)
+    ckpt = tmp_path / 'm.pth'
+    torch.save(describe(opt, net.state_dict()), ckpt)
+    assert export_cli('--model', ckpt, '-o', tmp_path / 'm.onnx') == 0
+    session = ort.InferenceSession(str(tmp_path / 'm.onnx'), providers=['CPUExecutionProvider'])
+    torch.manual_seed(3)
+    for b, (h, w), out_hw in [(1, (12, 10), (31, 27)), (3, (7, 19), (20, 50))]:
+        lq = torch.rand(b, 3, h, w)
+        coord = torch.cat([make_coord(out_hw), torch.rand(100, 2) * 2 - 1]).unsqueeze(0).repeat(b, 1, 1)
+        cell = make_cell(out_hw, coord.shape[1]).unsqueeze(0).repeat(b, 1, 1)
+        got = session.run(None, {'lq': lq.numpy(), 'coord': coord.numpy(), 'cell': cell.numpy()})[0]
+        with torch.no_grad():
+            want = net(lq, coord, cell).numpy()
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= 1e-4
+
+
+def test_export_bad_input(tmp_path, checkpoint, capsys):
+    ckpt, _ = checkpoint
+    for argv in (['--model', ckpt, '-o', tmp_path / 'm.onnx', '--opset', '15'],
+                 ['--model', ckpt, '-o', tmp_path / 'm.txt'],
+                 ['--model', tmp_path / 'missing.pth', '-o', tmp_path / 'm.onnx']):
+        capsys.readouterr()
+        assert export_cli(*argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith('basicsr export: error: '), err
+    assert os.listdir(tmp_path) == []
