@@ -20,8 +20,9 @@ setup(
         'matplotlib',
     ],
     extras_require={
-        'test': ['pytest'],
-        'onnx': ['onnx', 'onnxruntime'],
+        # the test suite covers ONNX export too, so it needs the onnx extra
+        'test': ['pytest', 'onnx', 'onnxruntime', 'onnxscript'],
+        'onnx': ['onnx', 'onnxruntime', 'onnxscript'],
     },
     entry_points={'console_scripts': ['basicsr=ciisr_plugin.cli:main']},
 )
