@@ -251,17 +251,23 @@ def convert(src, dst, allow_pickle=False):
     return network_opt
 
 
-def save_atomic(obj, path):
-    """torch.save to ``path`` via a temporary file + fsync + rename: never a truncated file."""
+def atomic_write(path, write):
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it and rename it onto
+    ``path``: a reader (or a resumed run) never sees a half-written file, even after a kill."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(obj, path):
+    """``torch.save`` through :func:`atomic_write`: never a truncated checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f))

@@ -20,8 +20,7 @@ and cell runs per query (:meth:`ImplicitDecoder.decode`). This is the same linea
 algebra as the authors' per-query MLP, without ever materialising the 3x3-unfolded
 feature map.
 """
-import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

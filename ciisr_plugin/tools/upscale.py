@@ -188,17 +188,8 @@ def write_atomic(path, array):
     ok, encoded = cv2.imencode(ext, array, params)
     if not ok:
         raise UpscaleError(f'{path}: the {ext} encoder refused a {array.shape} {array.dtype} image')
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(encoded.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from ..checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write(encoded.tobytes()))
 
 
 # ----------------------------------------------------------------------------------------------
