@@ -226,7 +226,7 @@ class ImplicitSRNet(nn.Module):
     """
 
     def __init__(self, encoder, local_ensemble=True, feat_unfold=True, cell_decode=True, data_mean=0.5,
-                 data_std=0.5, chunk_size=65536):
+                 data_std=0.5, chunk_size=4096):
         super().__init__()
         self.encoder = build_encoder(encoder)
         self.local_ensemble = local_ensemble

@@ -55,7 +55,7 @@ class LIIF(ImplicitSRNet):
     """
 
     def __init__(self, encoder, hidden_list=(256, 256, 256, 256), local_ensemble=True, feat_unfold=True,
-                 cell_decode=True, data_mean=0.5, data_std=0.5, chunk_size=65536, out_channels=3):
+                 cell_decode=True, data_mean=0.5, data_std=0.5, chunk_size=4096, out_channels=3):
         super().__init__(encoder, local_ensemble, feat_unfold, cell_decode, data_mean, data_std, chunk_size)
         self.decoder = MLPDecoder(self.encoder.out_channels, self.decoder_extra_channels, list(hidden_list),
                                   out_channels, feat_unfold)

@@ -44,7 +44,7 @@ class LIIFGAN(ImplicitSRNet):
     """
 
     def __init__(self, encoder, hidden_list=(256, 256, 256, 256), local_ensemble=True, feat_unfold=True,
-                 cell_decode=True, data_mean=0.5, data_std=0.5, chunk_size=65536, dual_decoder=True,
+                 cell_decode=True, data_mean=0.5, data_std=0.5, chunk_size=4096, dual_decoder=True,
                  decoder1_feature=None, out_channels=3):
         super().__init__(encoder, local_ensemble, feat_unfold, cell_decode, data_mean, data_std, chunk_size)
         if decoder1_feature is None:
