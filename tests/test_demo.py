@@ -22,17 +22,22 @@ def summary(log):
     return {label: (float(ours), float(bic)) for label, ours, bic in SUMMARY.findall(log)}
 
 
-@pytest.mark.slow
-def test_demo_trains_and_beats_bicubic(tmp_path):
+def train_demo(recipe, tmp_path):
     env = dict(os.environ, CIISR_DATA_HOME=str(tmp_path / 'data'))
-    log = run_basicsr(['train', '-opt', str(REPO / 'options/demo/train_liif_demo.yml')], tmp_path, env)
+    log = run_basicsr(['train', '-opt', str(REPO / 'options/demo' / recipe)], tmp_path, env)
     losses = [float(v) for v in re.findall(r'l_pix: ([\d.e+-]+)', log)]
     assert len(losses) >= 10 and sum(losses[-5:]) < sum(losses[:5]), losses  # L1 went down
     results = summary(log)
     assert {'x2', 'x3', 'x4', 'x2.5'} <= set(results), log[-3000:]
     for label in ('x2', 'x3', 'x4'):
         ours, bicubic = results[label]
-        assert ours > bicubic, f'{label}: LIIF {ours} dB <= bicubic {bicubic} dB'
+        assert ours > bicubic, f'{recipe} {label}: {ours} dB <= bicubic {bicubic} dB'
+    return env, results
+
+
+@pytest.mark.slow
+def test_demo_trains_and_beats_bicubic(tmp_path):
+    env, results = train_demo('train_liif_demo.yml', tmp_path)
 
     # the test recipe reloads the self-describing checkpoint and writes the report
     log = run_basicsr(['test', '-opt', str(REPO / 'options/demo/test_liif_demo.yml')], tmp_path, env)
@@ -41,3 +46,8 @@ def test_demo_trains_and_beats_bicubic(tmp_path):
     table = (report / 'results.md').read_text()
     assert '| skimage_val | x2 |' in table and '| skimage_val | x2x3 |' in table
     assert (report / 'metric_vs_scale.png').stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_aliif_demo_trains_and_beats_bicubic(tmp_path):
+    train_demo('train_aliif_demo.yml', tmp_path)
