@@ -591,3 +591,27 @@ def test_recipes_are_valid(name):
         assert set(opt['val']['metrics']) == {'psnr', 'ssim', 'lpips'}
     else:
         assert opt['network_g']['type'] == 'FixedScaleSR' and opt['network_g']['net_scale'] == 4
+
+
+def test_liifgan_s_trains_and_tests_through_the_cli(offline, tmp_path):
+    """LIIF-GAN-S (one decoder: L1 + GAN + VGG on its output) through `basicsr train` / `basicsr test`."""
+    opt = smoke_options(tmp_path)
+    opt['name'] = 'liifgan_s_smoke'
+    opt['network_g']['dual_decoder'] = False
+    opt['train']['total_iter'] = 10
+    opt_path = tmp_path / 'train_liifgan_s_smoke.yml'
+    opt_path.write_text(yaml.safe_dump(opt, sort_keys=False))
+    assert basicsr_main(['train', '-opt', str(opt_path)]) == 0
+    ckpt = tmp_path / 'experiments' / 'liifgan_s_smoke' / 'models' / 'net_g_latest.pth'
+    net = ciisr_plugin.load_model(str(ckpt))
+    assert type(net).__name__ == 'LIIFGAN' and not net.dual_decoder and net.decoder2 is None
+
+    test_opt = load_options(os.path.join(REPO, 'options', 'test_liifgan_div2k.yml'))
+    test_opt.update(name='liifgan_s_smoke_test', num_gpu=0, network_g=copy.deepcopy(opt['network_g']))
+    test_opt['datasets']['test_div2k']['dataroot_gt'] = str(tmp_path / 'val')
+    test_opt['path']['pretrain_network_g'] = str(ckpt)
+    test_path = tmp_path / 'test_liifgan_s_smoke.yml'
+    test_path.write_text(yaml.safe_dump(test_opt, sort_keys=False))
+    assert basicsr_main(['test', '-opt', str(test_path)]) == 0
+    table = (tmp_path / 'results' / 'liifgan_s_smoke_test' / 'results.md').read_text()
+    assert '| DIV2K_val | x7 |' in table and 'lpips' in table
