@@ -65,7 +65,7 @@ def _grid(h, w):
 # children
 def _child_infer(impl, cfg):
     from ciisr_plugin.inference import upscale_tiled
-    from literal_liif import literal_liif_forward
+    from literal_reference import literal_liif_forward
     net = _build_net().eval()
     torch.manual_seed(1)
     lq = torch.rand(1, 3, cfg['lr'], cfg['lr'])
@@ -87,7 +87,7 @@ def _child_infer(impl, cfg):
 
 
 def _child_train(impl, cfg):
-    from literal_liif import literal_liif_forward
+    from literal_reference import literal_liif_forward
     net = _build_net().train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     torch.manual_seed(1)

@@ -94,18 +94,28 @@ def _query_literal(net, feat, coord, cell, decode):
     return out
 
 
+def _forward_literal(net, lq, coord, cell, decode, chunk):
+    feat = net.encoder((lq - net.data_mean) / net.data_std)
+    n = coord.shape[1]
+    step = chunk or n
+    outs = [
+        _query_literal(net, feat, coord[:, i:i + step], None if cell is None else cell[:, i:i + step], decode)
+        for i in range(0, n, step)
+    ]
+    out = torch.cat(outs, dim=1)
+    return out * net.data_std.view(1, 1, -1) + net.data_mean.view(1, 1, -1)
+
+
 def literal_aliif_forward(net, lq, coord, cell, chunk=None):
     """Our ``ALIIF`` module's parameters evaluated the authors' per-query way.
 
     lq (B, 3, h, w) in [0, 1]; coord, cell (B, N, 2). ``chunk`` queries per pass as in the
     authors' test script (``None``: all at once, differentiable for training). -> (B, N, 3).
     """
-    feat = net.encoder((lq - net.data_mean) / net.data_std)
-    n = coord.shape[1]
-    step = chunk or n
-    outs = [
-        _query_literal(net, feat, coord[:, i:i + step], cell[:, i:i + step], _aliif_decode_literal)
-        for i in range(0, n, step)
-    ]
-    out = torch.cat(outs, dim=1)
-    return out * net.data_std.view(1, 1, -1) + net.data_mean.view(1, 1, -1)
+    return _forward_literal(net, lq, coord, cell, _aliif_decode_literal, chunk)
+
+
+def literal_liif_forward(net, lq, coord, cell=None, chunk=None):
+    """Our ``LIIF`` module's parameters evaluated the paper's per-query way: the whole MLP on
+    every (unfolded latent, rel_coord, rel_cell) vector of every query and shift."""
+    return _forward_literal(net, lq, coord, cell, lambda net, inp: net.decoder.layers(inp), chunk)

@@ -8,7 +8,7 @@ from basicsr.archs import build_network
 import ciisr_plugin
 from ciisr_plugin.archs.implicit_query import make_cell, make_coord
 from ciisr_plugin.checkpoint import CheckpointError, convert_authors_checkpoint, describe
-from literal_liif import literal_liif_forward
+from literal_reference import literal_liif_forward
 
 TINY_EDSR = {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 2}
 TINY_RDN = {'type': 'RDNEncoder', 'num_feat': 8, 'config': 'A'}
