@@ -81,6 +81,9 @@ def _run_pipeline(args, command):
         argv += ['--local_rank', str(args.local_rank)]
     if args.force_yml:
         argv += ['--force_yml', *args.force_yml]
+    if command == 'train':
+        from . import allocator
+        allocator.keep_freed_buffers(allocator.TRAINING)
     saved_argv = sys.argv
     sys.argv = argv  # BasicSR's parse_options reads sys.argv
     _reset_basicsr_logger()

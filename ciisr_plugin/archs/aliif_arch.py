@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from .implicit_query import (ImplicitDecoder, ImplicitSRNet, decode_lookup, grid_to_rows, latent_conv,
+from .cpu_linear import linear, run_mlp
+from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, decode_lookup, grid_to_rows, latent_conv,
                              lookup_latents, split_first_linear)
 from .liif_arch import MLPDecoder
 
@@ -81,14 +82,21 @@ class PointwiseBasis(nn.Module):
 
     def mix(self, stacked, coeff):
         """(M, K * out) outputs of every basis -> (M, out) blended with coeff (M, K)."""
-        return torch.einsum('mk,mko->mo', coeff, stacked.view(coeff.shape[0], self.num_basis, -1))
+        # float32 even under bf16 autocast: CPU's bf16 broadcast multiply is ~5x slower
+        stacked = stacked.float().view(coeff.shape[0], self.num_basis, -1)
+        coeff = coeff.float()
+        if stacked.shape[-1] < 8:  # e.g. the RGB output: a batched matmul is cheaper there
+            return torch.einsum('mk,mko->mo', coeff, stacked)
+        # A (1 x K) @ (K x 16) product per row is a poor fit for batched-matmul kernels;
+        # broadcast-multiply and sum is ~2.5x faster on CPU (measured, M = 4096, K = 10).
+        return (stacked * coeff.unsqueeze(-1)).sum(1)
 
     def forward(self, first, coeff):
         """Decode from every basis's first-layer pre-activation ``first`` (M, K * hidden0),
         bias included, mixed with ``coeff`` (M, K): (M, out)."""
         h = self.mix(first, coeff)
         for i in range(1, self.num_layers):
-            h = F.linear(F.relu(h), self.stacked_weight(i), self.stacked_bias(i))
+            h = linear(F.relu(h), self.stacked_weight(i), self.stacked_bias(i))
             h = self.mix(h, coeff)
         return h
 
@@ -152,12 +160,9 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         # bases. ReLUs run in place: these (M, 256) tensors are the largest per query.
         _, extra_weight = split_first_linear(self._first_layer_weights(), self.encoder.out_channels,
                                              self.feat_unfold)
-        extra = rel_coord if rel_cell is None else torch.cat([rel_coord, rel_cell], dim=-1)
-        first = torch.addmm(rows, extra, extra_weight.t())
+        first = add_query_part(rows, rel_coord, rel_cell, extra_weight)
         width = self.expansion.layers[0].out_features
-        x = first[:, :width].relu_()
-        for layer in self.expansion.layers[2:]:
-            x = x.relu_() if isinstance(layer, nn.ReLU) else layer(x)
+        x = run_mlp(self.expansion.layers[1:], first[:, :width])
         coeff = normalise_coefficients(x, self.coeff_norm)
         return self.basis(first[:, width:], coeff)
 

@@ -1,10 +1,9 @@
 """LIIF: Local Implicit Image Function (Chen, Liu & Wang, CVPR 2021)."""
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from .implicit_query import (ImplicitDecoder, ImplicitSRNet, decode_lookup, grid_to_rows, latent_conv,
+from .cpu_linear import run_mlp
+from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, decode_lookup, grid_to_rows, latent_conv,
                              lookup_latents, split_first_linear)
 
 
@@ -36,9 +35,7 @@ class MLPDecoder(ImplicitDecoder):
 
     def decode(self, rows, rel_coord, rel_cell):
         _, extra_weight = split_first_linear(self.layers[0].weight, self.latent_channels, self.unfold)
-        extra = rel_coord if rel_cell is None else torch.cat([rel_coord, rel_cell], dim=-1)
-        x = rows + F.linear(extra, extra_weight)
-        return self.layers[1:](x)
+        return run_mlp(self.layers[1:], add_query_part(rows, rel_coord, rel_cell, extra_weight))
 
 
 @ARCH_REGISTRY.register()

@@ -310,20 +310,6 @@ def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, p
     return out[:, :, 0] if channels == 1 else out
 
 
-def keep_freed_buffers():
-    """Let glibc keep freed memory below 128 MB instead of returning it to the OS. Decoding
-    allocates and frees the same few-MB activations for every chunk of queries; by default
-    glibc unmaps them and the next chunk page-faults them back in, which costs up to half
-    the decoding time on CPU. No-op off glibc."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: only >= 64 MB blocks get their own mapping
-        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD: keep up to 128 MB free at the heap top
-    except (OSError, AttributeError):
-        pass
-
-
 def run(args):
     """Exit status: 0 when every image was written, 2 on bad input (one line on stderr)."""
     try:
@@ -353,8 +339,9 @@ def _run(args):
         _check_size(dst, out_size, args.force)
         sizes.append(out_size)
 
+    from .. import allocator
     from ..checkpoint import load_model
-    keep_freed_buffers()
+    allocator.keep_freed_buffers(allocator.INFERENCE)  # the same few-MB chunk buffers, over and over
     net = load_model(args.model, device=device, allow_pickle=args.allow_pickle)
 
     for (src, dst), out_size in zip(jobs, sizes):

@@ -1,0 +1,128 @@
+"""Dense layers of the implicit decoders, routed to oneDNN on CPU.
+
+Almost all of an implicit decoder's arithmetic is ``(M, 256) x (256, 256)`` matrix
+products over millions of query rows. On CPU, ``F.linear`` in float32 goes to MKL's
+sgemm, which on AMD processors runs well below the AVX-512 peak (measured here: ~200
+GFLOP/s on 2 cores, vs ~490 for oneDNN's kernel on the same shapes; see
+``benchmarks/bench_inference.py``). oneDNN's kernel is also IEEE float32 (no reduced
+precision), so results agree with ``F.linear`` to rounding (~1e-7 relative).
+
+:func:`linear` uses oneDNN where it can and ``F.linear`` everywhere else: other devices,
+tracing or export, and builds without oneDNN. In a bf16 ``torch.autocast`` region it
+runs the product autocast would (bf16 inputs and weights, on oneDNN too) with the ReLU
+fused. Gradients flow through a small autograd function whose
+backward products also run on oneDNN. ``CIISR_CPU_LINEAR=native`` (or
+:func:`set_enabled`) turns the route off, e.g. to compare.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+_ENABLED = os.environ.get('CIISR_CPU_LINEAR', 'onednn').lower() != 'native'
+_AVAILABLE = None  # probed on first use
+
+
+def set_enabled(enabled):
+    """Route CPU float32 linears through oneDNN (True, the default) or ``F.linear`` (False)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def _probe():
+    """oneDNN's linear exists in this build and agrees with F.linear on a small case."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=gen) for s in ((5, 7), (3, 7), (3, )))
+        with torch.no_grad(), torch.autocast('cpu', enabled=False):  # may be first called in a bf16 region
+            out = torch.ops.mkldnn._linear_pointwise(x, w, b, 'relu', [], '')
+            return bool(torch.allclose(out, F.linear(x, w, b).relu(), atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _compute_dtype(x, weight):
+    """The dtype oneDNN should compute in here, or None to use ``F.linear``."""
+    global _AVAILABLE
+    if not (_ENABLED and x.device.type == 'cpu' and weight.dtype == torch.float32):
+        return None
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    if torch.is_autocast_enabled('cpu'):
+        # bf16 autocast (inference): the same product autocast would run, with the ReLU fused
+        dtype = torch.bfloat16 if torch.get_autocast_dtype('cpu') == torch.bfloat16 else None
+    else:
+        dtype = torch.float32 if x.dtype == torch.float32 else None
+    if dtype is None:
+        return None
+    if _AVAILABLE is None:
+        _AVAILABLE = _probe()
+    return dtype if _AVAILABLE else None
+
+
+def _onednn(x, weight, bias, relu):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'relu' if relu else 'none', [], '')
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``relu?(x @ weight.T + bias)`` with forward and backward products on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, relu):
+        out = _onednn(x, weight, bias, relu)
+        ctx.relu = relu
+        ctx.save_for_backward(x, weight, out if relu else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        if ctx.relu:  # what ReLU's own backward runs (a boolean-mask product is ~2x slower)
+            grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad_out, weight.t().contiguous(), None, False)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.t().mm(x)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+def linear(x, weight, bias=None, relu=False):
+    """``F.linear(x, weight, bias)``, then ReLU if ``relu``; x is (M, in)."""
+    dtype = _compute_dtype(x, weight) if x.dim() == 2 else None
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if dtype == torch.float32:
+        x = x.contiguous()
+        return _OneDNNLinear.apply(x, weight, bias, relu) if needs_grad else _onednn(x, weight, bias, relu)
+    if dtype == torch.bfloat16 and not needs_grad:
+        with torch.autocast('cpu', enabled=False):
+            return _onednn(x.to(dtype).contiguous(), weight.to(dtype), None if bias is None else bias.to(dtype), relu)
+    out = F.linear(x, weight, bias)
+    return out.relu_() if relu else out
+
+
+def run_mlp(layers, x):
+    """Run a Sequential of ``nn.Linear`` / ``nn.ReLU`` (a ReLU right after a Linear fused into
+    it); a leading ReLU is applied in place to ``x``, which the caller owns."""
+    layers = list(layers)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if isinstance(layer, torch.nn.ReLU):
+            x = x.relu_() if not (torch.is_grad_enabled() and x.requires_grad) else x.relu()
+            i += 1
+            continue
+        if not isinstance(layer, torch.nn.Linear):
+            raise TypeError(f'run_mlp: expected Linear or ReLU layers, got {type(layer).__name__}')
+        fuse = i + 1 < len(layers) and isinstance(layers[i + 1], torch.nn.ReLU)
+        x = linear(x, layer.weight, layer.bias, relu=fuse)
+        i += 2 if fuse else 1
+    return x

@@ -1,0 +1,105 @@
+"""The decoders' dense layers on oneDNN (ciisr_plugin.archs.cpu_linear) vs F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciisr_plugin.archs import cpu_linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='this torch build has no oneDNN')
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe(monkeypatch):
+    monkeypatch.setattr(cpu_linear, '_AVAILABLE', None)
+    monkeypatch.setattr(cpu_linear, '_ENABLED', True)
+
+
+def _case(m=300, k=256, n=64, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    b = torch.randn(n, generator=gen) if bias else None
+    return x, w, b
+
+
+def test_cpu_float32_takes_the_onednn_route():
+    x, w, _ = _case()
+    assert cpu_linear._compute_dtype(x, w) == torch.float32
+
+
+def test_first_use_inside_bf16_autocast_does_not_disable_the_route():
+    # the availability probe must not run its check under the caller's autocast
+    x, w, _ = _case()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert cpu_linear._compute_dtype(x, w) == torch.bfloat16
+    assert cpu_linear._compute_dtype(x, w) == torch.float32
+
+
+@pytest.mark.parametrize('relu', [False, True])
+@pytest.mark.parametrize('bias', [False, True])
+def test_forward_matches_f_linear(relu, bias):
+    x, w, b = _case(bias=bias)
+    ref = F.linear(x, w, b)
+    ref = ref.relu() if relu else ref
+    out = cpu_linear.linear(x, w, b, relu=relu)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input():
+    x, w, b = _case()
+    wide = torch.cat([x, x], dim=1)[:, ::2]  # strided view
+    torch.testing.assert_close(cpu_linear.linear(wide, w, b), F.linear(wide, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('relu', [False, True])
+def test_gradients_match_f_linear(relu):
+    x, w, b = _case(m=500, k=64, n=32)
+    grad_out = torch.randn(500, 32, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (cpu_linear.linear, None):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        out = fn(xs, ws, bs, relu=relu) if fn else F.linear(xs, ws, bs)
+        if fn is None and relu:
+            out = out.relu()
+        out.backward(grad_out)
+        grads.append((out.detach(), xs.grad, ws.grad, bs.grad))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_matches_autocast_f_linear():
+    x, w, b = _case()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        ours = cpu_linear.linear(x, w, b, relu=True)
+        ref = F.linear(x, w, b).relu()
+    assert ours.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_disabled_falls_back_to_f_linear(monkeypatch):
+    x, w, b = _case()
+    calls = []
+    monkeypatch.setattr(cpu_linear, '_onednn', lambda *a: calls.append(a))
+    cpu_linear.set_enabled(False)
+    torch.testing.assert_close(cpu_linear.linear(x, w, b), F.linear(x, w, b))
+    assert not calls
+    cpu_linear.set_enabled(True)
+    cpu_linear.linear(x, w, b)
+    assert calls
+
+
+def test_run_mlp_fuses_relu_and_matches_sequential():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    x = torch.randn(50, 20)
+    torch.testing.assert_close(cpu_linear.run_mlp(mlp, x.clone()), mlp(x), rtol=1e-5, atol=1e-6)
+    # a leading ReLU (after the decoders' first pre-activation) is applied to the input
+    pre = torch.randn(50, 32)
+    torch.testing.assert_close(cpu_linear.run_mlp(mlp[1:], pre.clone()), mlp[1:](pre), rtol=1e-5, atol=1e-6)
+
+
+def test_run_mlp_rejects_other_layers():
+    with pytest.raises(TypeError, match='Linear or ReLU'):
+        cpu_linear.run_mlp(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), torch.randn(2, 4))
