@@ -19,6 +19,8 @@ own latent, so a query never reaches past its tile by more than that.
 ``torch.autocast``; coordinates, nearest-latent choice and blend weights stay float32
 (autocast leaves those ops alone), and the output is float32.
 """
+import collections
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -26,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from .archs.implicit_query import ImplicitSRNet, LatentWindow, coord_axis, make_cell
+from .archs.implicit_query import ImplicitSRNet, LatentWindow, PixelGrid, grid_blocks
 
 logger = logging.getLogger('ciisr')
 
@@ -39,10 +41,11 @@ MEMORY_SHARE = 0.25
 MIN_BUDGET = 64 << 20
 MAX_CPU_BUDGET = 1 << 30
 MIN_TILE = 32
-# On CPU, chunks whose decoder activations take about this many bytes per layer run
-# fastest: much larger ones fall out of cache (the elementwise ops between the matrix
-# products become memory-bound), much smaller ones pay per-call overhead.
-CPU_CHUNK_BYTES = 4 << 20
+# On CPU, chunks whose widest decoder activation (all four ensemble shifts) takes about
+# this many bytes run fastest: much larger ones fall out of cache (the elementwise ops
+# between the matrix products become memory-bound), smaller ones pay per-op overhead.
+# Measured on 2 cores: 8 MB (2048 LIIF / 1260 A-LIIF queries) is 4-10% faster than 4 MB.
+CPU_CHUNK_BYTES = 8 << 20
 
 _LOCAL_LEAVES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Identity,
                  nn.Dropout, nn.Dropout2d)
@@ -175,12 +178,8 @@ def default_chunk_size(net, device, row_width=256, shifts=4):
 
 # ----------------------------------------------------------------------------------------------
 # tiling
-def _spans_from(start, stop, step):
-    return [(a, min(stop, a + step)) for a in range(start, stop, step)]
-
-
 def _spans(n, tile):
-    return _spans_from(0, n, tile)
+    return [(a, min(n, a + tile)) for a in range(0, n, tile)]
 
 
 def _own_latent_starts(out_n, in_n):
@@ -213,7 +212,7 @@ def _autocast_factory(device, precision):
     return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', halo=None, sink=None):
+def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', halo=None, sink=None, workers=None):
     """Render ``net``'s (B, C, H, W) output of ``lq`` (B, 3, h, w) at ``size = (H, W)``.
 
     Args:
@@ -226,7 +225,10 @@ def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', h
             (explicit ``tile`` requires an explicit ``halo``, and is approximate).
         sink: None to return the image; else ``sink(top, left, block)`` receives every
             rendered float32 block (B, C, bh, bw) exactly once, and nothing is kept (so
-            memory does not grow with the output) - the function returns None.
+            memory does not grow with the output) - the function returns None. It is
+            called from the calling thread, in order (by tile, then row).
+        workers: threads decoding blocks at once (see :func:`decode_in_order`); None:
+            :func:`default_workers`.
     """
     check_precision(precision)
     out_h, out_w = int(size[0]), int(size[1])
@@ -252,11 +254,72 @@ def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', h
         if not isinstance(net, ImplicitSRNet):  # fixed-scale adapters etc.: their own upscale
             sink(0, 0, net.upscale(lq, size=(out_h, out_w)).float())
         else:
-            _render(net, lq, (out_h, out_w), tile, chunk_size, halo, sink)
+            if workers is None:
+                workers = default_workers(device)
+
+            @contextlib.contextmanager
+            def context():  # what the calling thread has in force, for the decoding threads
+                with torch.no_grad(), autocast():
+                    yield
+
+            _render(net, lq, (out_h, out_w), tile, chunk_size, halo, sink, int(workers), context)
     return None if out is False else out
 
 
-def _render(net, lq, size, tile, chunk_size, halo, sink):
+def default_workers(device):
+    """Threads that decode blocks at once: on CPU one per intra-op thread, else 1."""
+    return torch.get_num_threads() if torch.device(device).type == 'cpu' else 1
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def decode_in_order(decode, blocks, workers=1, context=contextlib.nullcontext):
+    """``(block, decode(block))`` for each of ``blocks``, in order.
+
+    With ``workers > 1`` the blocks are decoded by that many threads at once, each running
+    its operations on one core (the process's intra-op thread count is 1 meanwhile, and
+    restored after). Splitting the cores between blocks rather than within each operation
+    keeps them busy through the many small per-block operations - measured on 2 cores,
+    LIIF and A-LIIF 128x128 -> x4: 5-15% faster, same output bit for bit. At most ``2 * workers``
+    blocks are in flight, so memory stays bounded by the chunk size. ``context`` is
+    entered around every decode (threads do not inherit ``no_grad`` or autocast).
+    """
+    if workers <= 1:
+        for block in blocks:
+            with context():
+                yield block, decode(block)
+        return
+
+    def run(block):
+        with context():
+            return decode(block)
+
+    pending = collections.deque()
+    # worker threads take the intra-op thread count in force when they start their first op
+    with _intra_op_threads(1), concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        try:
+            for block in blocks:
+                pending.append((block, pool.submit(run, block)))
+                if len(pending) >= 2 * workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _render(net, lq, size, tile, chunk_size, halo, sink, workers, context):
     h, w = lq.shape[-2:]
     out_h, out_w = size
     exact_halo = tile_halo(net)
@@ -291,8 +354,7 @@ def _render(net, lq, size, tile, chunk_size, halo, sink):
     if single:
         tile = max(h, w)
 
-    rows_axis = coord_axis(out_h, lq.device)
-    cols_axis = coord_axis(out_w, lq.device)
+    grid = PixelGrid((out_h, out_w), lq.device)
     row_starts, col_starts = _own_latent_starts(out_h, h), _own_latent_starts(out_w, w)
     b = lq.shape[0]
     for y0, y1 in _spans(h, tile):
@@ -312,15 +374,14 @@ def _render(net, lq, size, tile, chunk_size, halo, sink):
                 window = LatentWindow((cy1 - cy0, cx1 - cx0), (cy0, cx0), (h, w))
                 prepared = net.prepare_window(feat, window)
                 del feat
-            # decode blocks of about chunk_size queries: whole rows of the tile when they fit
-            width = min(j1 - j0, chunk_size)
-            band = max(1, chunk_size // width)
-            for r0, r1 in _spans_from(i0, i1, band):
-                for c0, c1 in _spans_from(j0, j1, width):
-                    coord = torch.stack(torch.meshgrid(rows_axis[r0:r1], cols_axis[c0:c1], indexing='ij'), dim=-1)
-                    coord = coord.view(1, -1, 2).expand(b, -1, -1)
-                    cell = make_cell((out_h, out_w), coord.shape[1], lq.device).unsqueeze(0).expand(b, -1, -1)
-                    pred = net.denormalise(net.query_prepared(prepared, coord, cell).float())
-                    sink(r0, c0, pred.view(b, r1 - r0, c1 - c0, -1).permute(0, 3, 1, 2))
-            del prepared
 
+            # decode blocks of about chunk_size queries: whole rows of the tile when they fit
+            def decode(block, prepared=prepared):
+                r0, r1, c0, c1 = block
+                pred = net.denormalise(net.query_grid(prepared, grid, block, b).float())
+                return pred.view(b, r1 - r0, c1 - c0, -1).permute(0, 3, 1, 2)
+
+            blocks = grid_blocks((i0, i1), (j0, j1), chunk_size)
+            for (r0, _, c0, _), block in decode_in_order(decode, blocks, workers, context):
+                sink(r0, c0, block)
+            del prepared

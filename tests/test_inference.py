@@ -7,6 +7,8 @@ receptive fields measured by perturbing one input pixel, bicubic alpha from
 """
 import argparse
 import os
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -18,11 +20,13 @@ import ciisr_plugin  # noqa: F401  (before basicsr: applies the compat fixes)
 from basicsr.archs import build_network
 
 from ciisr_plugin import inference
-from ciisr_plugin.archs.implicit_query import LatentWindow, lookup_latents, make_cell, make_coord
+from ciisr_plugin.archs.implicit_query import (ImplicitSRNet, LatentWindow, PixelGrid, coord_axis, grid_blocks,
+                                               lookup_grid, lookup_latents, make_cell, make_coord)
 from ciisr_plugin.checkpoint import describe
 from ciisr_plugin.inference import encoder_receptive_radius, tile_halo, upscale_tiled
 from ciisr_plugin.tools import export as export_tool
 from ciisr_plugin.tools import upscale as upscale_tool
+
 
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
@@ -117,6 +121,171 @@ def test_window_lookup_is_the_global_lookup_shifted():
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match='outside the window'):
         lookup_latents(coord, cell, LatentWindow((5, 7), (2, 3), (h, w)))
+
+
+# (latent grid, output size): odd integer scales put queries exactly on latent centres at the
+# border, where the ensemble weights are decided by the last bits; the rest are non-integer,
+# anisotropic, down-scaling, and a grid of one latent
+GRID_CASES = [((24, 30), (72, 90)), ((24, 30), (79, 99)), ((5, 7), (13, 11)), ((3, 3), (9, 9)), ((7, 5), (21, 35)),
+              ((10, 10), (10, 10)), ((6, 4), (17, 9)), ((9, 12), (4, 5)), ((1, 1), (3, 2))]
+
+
+@pytest.mark.parametrize('local_ensemble', [True, False])
+@pytest.mark.parametrize('grid_hw,out_hw', GRID_CASES)
+def test_grid_lookup_is_bit_identical_to_the_per_query_lookup(grid_hw, out_hw, local_ensemble):
+    rows, cols = coord_axis(out_hw[0]), coord_axis(out_hw[1])
+    r0, c0 = out_hw[0] // 3, out_hw[1] // 4  # a block that does not start at the image corner
+    rows, cols = rows[r0:], cols[c0:]
+    coord = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1).view(1, -1, 2).expand(2, -1, -1)
+    cell = make_cell(out_hw, coord.shape[1]).unsqueeze(0).expand(2, -1, -1)
+    ref = lookup_latents(coord, cell, grid_hw, local_ensemble)
+    got = lookup_grid(rows, cols, (2 / out_hw[0], 2 / out_hw[1]), grid_hw, local_ensemble, batch=2)
+    for name in ref._fields:
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert lookup_grid(rows, cols, None, grid_hw, local_ensemble).rel_cell is None
+
+
+def test_grid_lookup_in_a_window_matches_the_window_lookup():
+    h, w, out_hw = 9, 11, (31, 26)
+    window = LatentWindow((5, 7), (2, 3), (h, w))
+    rows, cols = coord_axis(out_hw[0])[9:21], coord_axis(out_hw[1])[9:21]  # latents rows 2..6, cols 3..9
+    coord = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1).view(1, -1, 2)
+    cell = make_cell(out_hw, coord.shape[1]).unsqueeze(0)
+    ref = lookup_latents(coord, cell, window)
+    got = lookup_grid(rows, cols, (2 / out_hw[0], 2 / out_hw[1]), window)
+    for name in ref._fields:
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    with pytest.raises(ValueError, match='outside the window'):
+        lookup_grid(coord_axis(out_hw[0]), cols, None, window)
+
+
+@pytest.mark.parametrize('grid_hw,out_hw', GRID_CASES[:4])
+def test_pixel_grid_blocks_are_the_per_query_lookup_of_their_pixels(grid_hw, out_hw):
+    grid = PixelGrid(out_hw)
+    for block in grid_blocks((0, out_hw[0]), (0, out_hw[1]), 37):  # ragged blocks, some mid-row
+        coord, cell = grid.coords(block, batch=2)
+        ref = lookup_latents(coord, cell, grid_hw)
+        got = grid.lookup(block, grid_hw, batch=2)
+        for name in ref._fields:
+            assert torch.equal(getattr(got, name), getattr(ref, name)), (block, name)
+    # a window of the grid: the same, with the index shifted into the window's rows
+    h, w = grid_hw
+    window = LatentWindow((h, w - 1), (0, 1), grid_hw)
+    block = (0, out_hw[0], out_hw[1] // 2, out_hw[1])  # the right half: its latents are in the window
+    coord, cell = grid.coords(block)
+    ref = lookup_latents(coord, cell, window)
+    got = grid.lookup(block, window)
+    for name in ref._fields:
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+def test_grid_blocks_cover_the_span_once_within_the_chunk():
+    cases = ((((0, 7), (0, 50)), 16), (((3, 20), (5, 9)), 10), (((0, 4), (0, 4)), 100), (((0, 3), (2, 5)), 1))
+    for span, chunk in cases:
+        seen = torch.zeros(span[0][1], span[1][1], dtype=torch.int64)
+        for r0, r1, c0, c1 in grid_blocks(*span, chunk):
+            assert (r1 - r0) * (c1 - c0) <= chunk
+            seen[r0:r1, c0:c1] += 1
+        (i0, i1), (j0, j1) = span
+        assert (seen[i0:i1, j0:j1] == 1).all() and seen.sum() == (i1 - i0) * (j1 - j0)
+
+
+class OwnQueries(ImplicitSRNet):
+    """An arch that implements ``query_prepared`` itself (no ``decode_prepared``): grids must
+    reach it as per-query coordinates."""
+
+    def __init__(self):
+        super().__init__({'type': 'EDSREncoder', 'num_feat': 4, 'num_block': 1})
+        self.calls = 0
+
+    def prepare(self, feat):
+        return feat, feat.shape[-2:]
+
+    def query_prepared(self, prepared, coord, cell):
+        self.calls += 1
+        feat, _ = prepared
+        picked = F.grid_sample(feat[:, :3], coord.flip(-1).unsqueeze(1), mode='bilinear', align_corners=False)
+        return picked[:, :, 0].permute(0, 2, 1) + cell.sum(-1, keepdim=True)
+
+
+def test_archs_with_their_own_query_prepared_render_through_it():
+    torch.manual_seed(0)
+    net = OwnQueries().eval()
+    lq = torch.rand(2, 3, 6, 5)
+    coord = make_coord((13, 11)).unsqueeze(0).expand(2, -1, -1)
+    cell = make_cell((13, 11), coord.shape[1]).unsqueeze(0).expand(2, -1, -1)
+    with torch.no_grad():
+        ref = net(lq, coord, cell).view(2, 13, 11, 3).permute(0, 3, 1, 2)
+        net.calls = 0
+        got = net.upscale(lq, (13, 11), chunk_size=20)
+    assert net.calls == 13 and torch.equal(got, ref)  # 13 rows of 11 queries fit in 20-query blocks
+
+
+def test_wide_outputs_are_decoded_in_pieces_of_a_row():
+    net = build(TINY_LIIF)
+    lq = torch.rand(1, 3, 4, 30)
+    seen = []
+    original = net.query_grid
+
+    def spy(prepared, grid, block, batch):
+        r0, r1, c0, c1 = block
+        seen.append((r1 - r0) * (c1 - c0))
+        return original(prepared, grid, block, batch)
+
+    net.query_grid = spy
+    with torch.no_grad():
+        img = net.upscale(lq, (8, 75), chunk_size=32)
+        tiled = upscale_tiled(net, lq, (8, 75), chunk_size=32)
+    assert max(seen) <= 32 and sum(seen) == 2 * 8 * 75
+    del net.query_grid
+    with torch.no_grad():
+        ref = net.upscale(lq, (8, 75), chunk_size=10**6)
+    assert (img - ref).abs().max().item() <= 1e-6 and (tiled - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])
+def test_decoding_threads_give_the_same_image_and_ordered_blocks(precision):
+    net = build(TINY_ALIIF)
+    lq = torch.rand(1, 3, 14, 11)
+    size = (40, 29)
+
+    def render(workers):
+        img, calls = torch.full((1, 3) + size, float('nan')), []
+
+        def sink(top, left, block):
+            calls.append((top, left, threading.get_ident()))
+            assert not block.requires_grad and block.dtype == torch.float32
+            img[:, :, top:top + block.shape[-2], left:left + block.shape[-1]] = block
+
+        upscale_tiled(net, lq, size, tile=6, chunk_size=50, precision=precision, workers=workers, sink=sink)
+        return img, calls
+
+    before = torch.get_num_threads()
+    ref, ref_calls = render(1)
+    got, calls = render(3)
+    assert torch.get_num_threads() == before
+    assert torch.equal(got, ref)  # every pixel written, with the same numbers
+    assert [c[:2] for c in calls] == [c[:2] for c in ref_calls] and len(calls) > 6  # same blocks, same order
+    assert {ident for *_, ident in calls} == {threading.get_ident()}  # the sink runs in the caller's thread
+
+
+def test_decode_in_order_keeps_order_and_bounds_the_blocks_in_flight():
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def decode(block):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.002 * (block % 3))  # finish out of order
+        with lock:
+            running[0] -= 1
+        return block * 10
+
+    out = list(inference.decode_in_order(decode, iter(range(40)), workers=4))
+    assert out == [(i, i * 10) for i in range(40)]
+    assert peak[0] <= 4
+    with pytest.raises(RuntimeError, match='boom'):
+        list(inference.decode_in_order(lambda b: (_ for _ in ()).throw(RuntimeError('boom')), range(5), workers=2))
 
 
 # ----------------------------------------------------------------------------------------------

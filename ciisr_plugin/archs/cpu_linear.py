@@ -43,14 +43,17 @@ def _probe():
         return False
 
 
+def exporting():
+    """Inside a trace, a script or an ONNX export, where only plain ops should be recorded."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
 def _compute_dtype(x, weight):
     """The dtype oneDNN should compute in here, or None to use ``F.linear``."""
     global _AVAILABLE
     if not (_ENABLED and x.device.type == 'cpu' and weight.dtype == torch.float32):
         return None
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
-        return None
-    if torch.compiler.is_compiling():
+    if exporting() or torch.compiler.is_compiling():
         return None
     if torch.is_autocast_enabled('cpu'):
         # bf16 autocast (inference): the same product autocast would run, with the ReLU fused

@@ -4,7 +4,7 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 from .cpu_linear import run_mlp
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, decode_lookup, grid_to_rows, latent_conv,
-                             lookup_latents, split_first_linear)
+                             split_first_linear)
 
 
 class MLPDecoder(ImplicitDecoder):
@@ -60,7 +60,6 @@ class LIIF(ImplicitSRNet):
     def prepare(self, feat):
         return grid_to_rows(self.decoder.grid_features(feat)), feat.shape[-2:]
 
-    def query_prepared(self, prepared, coord, cell):
+    def decode_prepared(self, prepared, lookup):
         rows, grid_hw = prepared
-        lookup = lookup_latents(coord, cell, grid_hw, self.local_ensemble)
         return decode_lookup(self.decoder, rows, lookup, grid_hw, self.cell_decode)

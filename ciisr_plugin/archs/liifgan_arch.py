@@ -71,7 +71,7 @@ class LIIFGAN(ImplicitSRNet):
     # ------------------------------------------------------------------ engine hooks
     def encode(self, lq):
         """(feature for decoder 1, feature for decoder 2 or None)."""
-        x = (lq - self.data_mean) / self.data_std
+        x = self.encoder_input(lq)
         if self.reads_mid:
             return self.encoder(x, return_mid=True)
         last = self.encoder(x)
@@ -82,21 +82,15 @@ class LIIFGAN(ImplicitSRNet):
         rows2 = None if feat2 is None else grid_to_rows(self.decoder2.grid_features(feat2))
         return grid_to_rows(self.decoder1.grid_features(feat1)), rows2, feat1.shape[-2:]
 
-    def prepare_window(self, feats, window):
-        """``prepare`` for one tile of tiled inference (see ``ImplicitSRNet.prepare_window``)."""
-        rows1, rows2, _ = self.prepare(feats)
-        return rows1, rows2, window
-
-    def decode_parts(self, prepared, coord, cell):
+    def decode_parts(self, prepared, lookup):
         """Normalised-space decoder outputs ``(d1, d2)`` (d2 None with one decoder)."""
         rows1, rows2, grid_hw = prepared
-        lookup = lookup_latents(coord, cell, grid_hw, self.local_ensemble)
         d1 = decode_lookup(self.decoder1, rows1, lookup, grid_hw, self.cell_decode)
         d2 = None if rows2 is None else decode_lookup(self.decoder2, rows2, lookup, grid_hw, self.cell_decode)
         return d1, d2
 
-    def query_prepared(self, prepared, coord, cell):
-        d1, d2 = self.decode_parts(prepared, coord, cell)
+    def decode_prepared(self, prepared, lookup):
+        d1, d2 = self.decode_parts(prepared, lookup)
         return d1 if d2 is None else d1 + d2
 
     # ------------------------------------------------------------------ entry points
@@ -119,6 +113,7 @@ class LIIFGAN(ImplicitSRNet):
             if feat2 is None:
                 raise ValueError('LIIFGAN: detach_increment_feature needs the second decoder (dual_decoder true)')
             feat2 = feat2.detach()
-        d1, d2 = self.decode_parts(self.prepare((feat1, feat2)), coord, cell)
+        prepared = self.prepare((feat1, feat2))
+        d1, d2 = self.decode_parts(prepared, lookup_latents(coord, cell, prepared[-1], self.local_ensemble))
         ip2 = None if d2 is None else d2 * self.data_std.view(1, 1, -1)
         return self.denormalise(d1), ip2
