@@ -58,6 +58,14 @@ PSNR_TOL_DB = 0.05
 RSS_LIMIT_MIB = 2048
 
 
+def _cpu_model():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), 'unknown')
+    except OSError:
+        return 'unknown'
+
+
 def _peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -238,7 +246,9 @@ class Report:
 
     def ratio(self, key, ratio, note=''):
         target = TARGETS.get(key)
-        verdict = '' if target is None or self.quick else f"(target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
+        verdict = ''
+        if target is not None and not self.quick:
+            verdict = f"(target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
         line = f"{key[1]} {key[0]} {key[2] if key[0] == 'infer' else ''}".replace('  ', ' ')
         print(f'  speed-up {ratio:.2f}x {verdict} {note}'.rstrip())
         self.lines.append(f'{line:20s} {ratio:6.2f}x {verdict}')
@@ -294,8 +304,10 @@ def main():
     if args.child:
         return _child_main(args, cfg)
 
+    from ciisr_plugin.inference import cpu_has_amx
     print(f'torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={args.omp_wait_policy or "(unset)"}, '
           f'malloc {args.malloc}, load average {os.getloadavg()}')
+    print(f'CPU: {_cpu_model()}, AMX bf16: {cpu_has_amx()}')
     print(f'config: {cfg}')
     print('NOTE: weights are RANDOM (paper widths); speed and precision differences are what is measured.')
     report = Report(args.quick)  # quick sizes are too small for the targets to apply

@@ -451,6 +451,28 @@ def test_upscale_photo_non_integer_scale_and_size(tmp_path, checkpoint):
     assert sorted(os.listdir(tmp_path)) == ['aniso.webp', 'astronaut.png', 'sized.jpg', 'x3.7.png']
 
 
+def test_amx_is_read_from_the_cpu_flags(tmp_path, monkeypatch):
+    info = tmp_path / 'cpuinfo'
+    monkeypatch.setattr(inference, 'CPUINFO', str(info))
+    info.write_text('processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n')
+    assert inference.cpu_has_amx() is False
+    info.write_text('processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n')
+    assert inference.cpu_has_amx() is True
+    monkeypatch.setattr(inference, 'CPUINFO', str(tmp_path / 'missing'))
+    assert inference.cpu_has_amx() is None
+
+
+@pytest.mark.parametrize('amx', [False, True, None])
+def test_bf16_upscale_notes_a_cpu_without_amx(tmp_path, checkpoint, monkeypatch, capsys, amx):
+    ckpt, _ = checkpoint
+    monkeypatch.setattr(inference, 'cpu_has_amx', lambda: amx)
+    cv2.imwrite(str(tmp_path / 'a.png'), photo((10, 12)))
+    assert upscale_cli(tmp_path / 'a.png', '-o', tmp_path / 'b.png', '--model', ckpt, '--scale', '2',
+                       '--precision', 'bf16', '--device', 'cpu') == 0
+    err = capsys.readouterr().err
+    assert ('no AMX' in err) == (amx is False)
+
+
 def test_upscale_folder_keeps_names_and_formats(tmp_path, checkpoint):
     ckpt, _ = checkpoint
     (tmp_path / 'in').mkdir()

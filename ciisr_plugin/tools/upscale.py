@@ -341,6 +341,9 @@ def _run(args):
 
     from .. import allocator
     from ..checkpoint import load_model
+    from ..inference import cpu_has_amx
+    if args.precision == 'bf16' and device.type == 'cpu' and cpu_has_amx() is False:
+        print(f'{PROG}: note: this CPU has no AMX, so --precision bf16 is not faster than fp32 here', file=sys.stderr)
     allocator.keep_freed_buffers(allocator.INFERENCE)  # the same few-MB chunk buffers, over and over
     net = load_model(args.model, device=device, allow_pickle=args.allow_pickle)
 
