@@ -8,7 +8,9 @@ weight matrices), evaluated on the same parameters.
 
 Every measurement runs in its own subprocess (so its peak RSS is its own), and the
 implementations alternate (ours, literal, ours, literal, ...) so that load from other
-processes hits both alike; medians are reported. Both sides run under the same process
+processes hits both alike; medians over those repeats are reported. An inference
+measurement is the mean over back-to-back runs filling at least 20 s (this machine's speed
+drifts by +-30% within seconds, and one literal A-LIIF run alone takes ~40 s). Both sides run under the same process
 settings: the thread count, OpenMP's defaults and the glibc allocator setting that our CLI
 uses for that task (``ciisr_plugin.allocator``). Run it on an otherwise idle machine.
 
@@ -21,7 +23,7 @@ Tasks:
          predictions and gradients are compared, the following steps timed.
   x30    a 256x256 photo to 7680x7680 through ``basicsr upscale``'s run(): time, peak RSS.
 
-    python benchmarks/bench_speed.py                      # everything (~15 min on 2 cores)
+    python benchmarks/bench_speed.py                      # everything (~40 min on 2 cores)
     python benchmarks/bench_speed.py --arch ALIIF --tasks infer train
     python benchmarks/bench_speed.py --quick              # smoke run (~2 min)
 """
@@ -40,10 +42,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-FULL = dict(lr=128, scale=4, batch=16, patch=48, queries=2304, train_scale=3, warmup=2, steps=3, repeats=3, x30_lr=256,
-            x30_scale=30, photo_crop=None)
-QUICK = dict(lr=32, scale=4, batch=2, patch=24, queries=256, train_scale=3, warmup=1, steps=1, repeats=1, x30_lr=32,
-             x30_scale=30, photo_crop=96)
+FULL = dict(lr=128, scale=4, window=20, batch=16, patch=48, queries=2304, train_scale=3, warmup=2, steps=3,
+            repeats=3, x30_lr=256, x30_scale=30, photo_crop=None)
+QUICK = dict(lr=32, scale=4, window=0, batch=2, patch=24, queries=256, train_scale=3, warmup=1, steps=1,
+             repeats=1, x30_lr=32, x30_scale=30, photo_crop=96)
 NETWORKS = {  # the papers' widths
     'LIIF': {'type': 'LIIF', 'encoder': {'type': 'EDSREncoder'}, 'hidden_list': [256] * 4},
     'ALIIF': {'type': 'ALIIF', 'encoder': {'type': 'EDSREncoder'}, 'num_basis': 10, 'basis_hidden': [16] * 4,
@@ -108,10 +110,17 @@ def _child_infer(arch, impl, cfg):
 
     with torch.no_grad():
         run(lq[..., :16, :16], 64)  # warm-up: thread pool, allocator, oneDNN kernels
-        start = time.perf_counter()
-        out = run(lq, size)
-        seconds = time.perf_counter() - start
-    return {'seconds': seconds, 'peak_rss_mib': _peak_rss_mib()}, {'out': out}
+        # mean over back-to-back runs filling at least ``window`` seconds, so that both sides
+        # average this machine's speed over a similar stretch of time (one literal A-LIIF run
+        # takes ~40 s; ours ~3 s would otherwise sample a single fast or slow moment)
+        runs, start = 0, time.perf_counter()
+        while True:
+            out = run(lq, size)
+            runs += 1
+            if time.perf_counter() - start >= cfg['window']:
+                break
+        seconds = (time.perf_counter() - start) / runs
+    return {'seconds': seconds, 'peak_rss_mib': _peak_rss_mib(), 'runs': runs}, {'out': out}
 
 
 def _child_train(arch, impl, cfg):
@@ -228,14 +237,16 @@ def _alternate(task, arch, impls, args, cfg, tmpdir):
     for impl, results in runs.items():
         times = [stats['seconds'] for stats, _ in results]
         summary[impl] = dict(results[-1][1], median_s=statistics.median(times), all_s=times,
+                             inner=[stats.get('runs', 1) for stats, _ in results],
                              peak_rss_mib=max(stats['peak_rss_mib'] for stats, _ in results))
     return summary
 
 
 def _print_runs(rows, unit='s'):
     for name, r in rows:
-        print(f"  {name:14s} median {r['median_s']:7.2f} {unit}  (runs {', '.join(f'{t:.2f}' for t in r['all_s'])})"
-              f"  peak RSS {r['peak_rss_mib']:6.0f} MiB")
+        repeats = ', '.join(f'{t:.2f}' + (f' [mean of {n}]' if n > 1 else '') for t, n in zip(r['all_s'], r['inner']))
+        print(f"  {name:14s} median {r['median_s']:7.2f} {unit}  (repeats {repeats})  "
+              f"peak RSS {r['peak_rss_mib']:6.0f} MiB")
 
 
 class Report:

@@ -20,8 +20,8 @@ import ciisr_plugin  # noqa: F401  (before basicsr: applies the compat fixes)
 from basicsr.archs import build_network
 
 from ciisr_plugin import inference
-from ciisr_plugin.archs.implicit_query import (ImplicitSRNet, LatentWindow, PixelGrid, coord_axis, grid_blocks,
-                                               lookup_grid, lookup_latents, make_cell, make_coord)
+from ciisr_plugin.archs.implicit_query import (ImplicitSRNet, LatentWindow, PixelGrid, grid_blocks, lookup_latents,
+                                               make_cell, make_coord)
 from ciisr_plugin.checkpoint import describe
 from ciisr_plugin.inference import encoder_receptive_radius, tile_halo, upscale_tiled
 from ciisr_plugin.tools import export as export_tool
@@ -132,51 +132,30 @@ GRID_CASES = [((24, 30), (72, 90)), ((24, 30), (79, 99)), ((5, 7), (13, 11)), ((
 
 @pytest.mark.parametrize('local_ensemble', [True, False])
 @pytest.mark.parametrize('grid_hw,out_hw', GRID_CASES)
-def test_grid_lookup_is_bit_identical_to_the_per_query_lookup(grid_hw, out_hw, local_ensemble):
-    rows, cols = coord_axis(out_hw[0]), coord_axis(out_hw[1])
-    r0, c0 = out_hw[0] // 3, out_hw[1] // 4  # a block that does not start at the image corner
-    rows, cols = rows[r0:], cols[c0:]
-    coord = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1).view(1, -1, 2).expand(2, -1, -1)
-    cell = make_cell(out_hw, coord.shape[1]).unsqueeze(0).expand(2, -1, -1)
-    ref = lookup_latents(coord, cell, grid_hw, local_ensemble)
-    got = lookup_grid(rows, cols, (2 / out_hw[0], 2 / out_hw[1]), grid_hw, local_ensemble, batch=2)
-    for name in ref._fields:
-        assert torch.equal(getattr(got, name), getattr(ref, name)), name
-    assert lookup_grid(rows, cols, None, grid_hw, local_ensemble).rel_cell is None
-
-
-def test_grid_lookup_in_a_window_matches_the_window_lookup():
-    h, w, out_hw = 9, 11, (31, 26)
-    window = LatentWindow((5, 7), (2, 3), (h, w))
-    rows, cols = coord_axis(out_hw[0])[9:21], coord_axis(out_hw[1])[9:21]  # latents rows 2..6, cols 3..9
-    coord = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1).view(1, -1, 2)
-    cell = make_cell(out_hw, coord.shape[1]).unsqueeze(0)
-    ref = lookup_latents(coord, cell, window)
-    got = lookup_grid(rows, cols, (2 / out_hw[0], 2 / out_hw[1]), window)
-    for name in ref._fields:
-        assert torch.equal(getattr(got, name), getattr(ref, name)), name
-    with pytest.raises(ValueError, match='outside the window'):
-        lookup_grid(coord_axis(out_hw[0]), cols, None, window)
-
-
-@pytest.mark.parametrize('grid_hw,out_hw', GRID_CASES[:4])
-def test_pixel_grid_blocks_are_the_per_query_lookup_of_their_pixels(grid_hw, out_hw):
+def test_pixel_grid_lookup_is_bit_identical_to_the_per_query_lookup(grid_hw, out_hw, local_ensemble):
     grid = PixelGrid(out_hw)
-    for block in grid_blocks((0, out_hw[0]), (0, out_hw[1]), 37):  # ragged blocks, some mid-row
+    blocks = list(grid_blocks((0, out_hw[0]), (0, out_hw[1]), 37))  # ragged blocks, some mid-row
+    blocks.append((out_hw[0] // 3, out_hw[0], out_hw[1] // 4, out_hw[1]))  # away from the image corner
+    for block in blocks:
         coord, cell = grid.coords(block, batch=2)
-        ref = lookup_latents(coord, cell, grid_hw)
-        got = grid.lookup(block, grid_hw, batch=2)
+        ref = lookup_latents(coord, cell, grid_hw, local_ensemble)
+        got = grid.lookup(block, grid_hw, local_ensemble, batch=2)
         for name in ref._fields:
             assert torch.equal(getattr(got, name), getattr(ref, name)), (block, name)
-    # a window of the grid: the same, with the index shifted into the window's rows
-    h, w = grid_hw
-    window = LatentWindow((h, w - 1), (0, 1), grid_hw)
-    block = (0, out_hw[0], out_hw[1] // 2, out_hw[1])  # the right half: its latents are in the window
+
+
+def test_pixel_grid_lookup_in_a_window_matches_the_window_lookup():
+    h, w, out_hw = 9, 11, (31, 26)
+    window = LatentWindow((5, 7), (2, 3), (h, w))
+    grid = PixelGrid(out_hw)
+    block = (9, 21, 9, 21)  # pixels whose latents all lie in the window's rows 2..6, cols 3..9
     coord, cell = grid.coords(block)
     ref = lookup_latents(coord, cell, window)
     got = grid.lookup(block, window)
     for name in ref._fields:
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    with pytest.raises(ValueError, match='outside the window'):
+        grid.lookup((0, 31, 9, 21), window)
 
 
 def test_grid_blocks_cover_the_span_once_within_the_chunk():
@@ -219,6 +198,28 @@ def test_archs_with_their_own_query_prepared_render_through_it():
         net.calls = 0
         got = net.upscale(lq, (13, 11), chunk_size=20)
     assert net.calls == 13 and torch.equal(got, ref)  # 13 rows of 11 queries fit in 20-query blocks
+
+
+def test_forward_without_autograd_decodes_in_chunks():
+    net = build({**TINY_LIIF, 'chunk_size': 50})
+    lq = torch.rand(2, 3, 7, 6)
+    coord = torch.rand(2, 237, 2) * 2 - 1
+    cell = torch.full((2, 237, 2), 0.1)
+    calls = []
+    original = net.query_prepared
+
+    def spy(prepared, coord, cell):
+        calls.append(coord.shape[1])
+        return original(prepared, coord, cell)
+
+    net.query_prepared = spy
+    with_grad = net(lq, coord, cell)  # autograd on: one batch, as training needs
+    assert calls == [237] and with_grad.requires_grad
+    calls.clear()
+    with torch.no_grad():
+        chunked = net(lq, coord, cell)
+    assert calls == [50, 50, 50, 50, 37]
+    assert (chunked - with_grad.detach()).abs().max().item() <= 1e-6
 
 
 def test_wide_outputs_are_decoded_in_pieces_of_a_row():

@@ -8,8 +8,8 @@ module owns everything about *where* to look:
   authors do (queries that sit exactly on a latent centre depend on the last bits);
 * :func:`lookup_latents` - nearest-latent index, relative coordinate, relative cell and
   local-ensemble weight for each query, for all four ensemble shifts at once;
-  :func:`lookup_grid` / :class:`PixelGrid` - the same, bit for bit, for the pixels of an
-  output image, computed per axis;
+  :class:`PixelGrid` - the same, bit for bit, for the pixels of an output image,
+  computed per axis;
 * :func:`decode_lookup` - gathers the latent rows, runs a decoder on all shifts as one
   batch and blends the predictions;
 * :class:`ImplicitSRNet` - the encoder / normalisation / chunked-upscale scaffolding the
@@ -139,12 +139,18 @@ def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
     weight = area.flip(0) / area.sum(dim=0)  # flip(0) pairs each shift with its diagonal opposite
     if window is None:
         return LatentLookup(row_idx * w + col_idx, rel_coord, rel_cell, weight)
-    row_idx, col_idx = row_idx - window.origin[0], col_idx - window.origin[1]
-    # an index outside the window would silently read a neighbouring row of features
-    if min(row_idx.min(), col_idx.min()) < 0 or row_idx.max() >= window[0] or col_idx.max() >= window[1]:
-        raise ValueError(f'lookup_latents: queries reach latents outside the window {tuple(window)} at '
-                         f'{window.origin} of the {window.full_hw} grid')
+    row_idx, col_idx = _into_window(row_idx, col_idx, window, 'lookup_latents')
     return LatentLookup(row_idx * window[1] + col_idx, rel_coord, rel_cell, weight)
+
+
+def _into_window(row_idx, col_idx, window, caller):
+    """Global latent rows / cols -> the window's own; every one must lie inside it (an index
+    outside would silently read a neighbouring row of features)."""
+    row_idx, col_idx = row_idx - window.origin[0], col_idx - window.origin[1]
+    if min(row_idx.min(), col_idx.min()) < 0 or row_idx.max() >= window[0] or col_idx.max() >= window[1]:
+        raise ValueError(f'{caller}: queries reach latents outside the window {tuple(window)} at '
+                         f'{window.origin} of the {window.full_hw} grid')
+    return row_idx, col_idx
 
 
 def _axis_nearest(shifted, n):
@@ -168,18 +174,15 @@ def _axis_lookup(coord, n, local_ensemble):
 
 
 def _combine_axes(row_part, col_part, cell, grid_hw, batch):
-    """The :class:`LatentLookup` of every (row, col) pair of two axis lookups, row-major; the
-    ensemble shifts in lookup_latents' order (-,-), (-,+), (+,-), (+,+)."""
+    """The :class:`LatentLookup` of every (row, col) pair of two axis lookups, row-major, all
+    with cell ``(cell_h, cell_w)``; the ensemble shifts in lookup_latents' order (-,-),
+    (-,+), (+,-), (+,+)."""
     (row_idx, rel_row), (col_idx, rel_col) = row_part, col_part
     window = grid_hw if isinstance(grid_hw, LatentWindow) else None
     h, w = grid_hw if window is None else window.full_hw
     row_len = w
     if window is not None:
-        row_idx, col_idx = row_idx - window.origin[0], col_idx - window.origin[1]
-        # an index outside the window would silently read a neighbouring row of features
-        if min(row_idx.min(), col_idx.min()) < 0 or row_idx.max() >= window[0] or col_idx.max() >= window[1]:
-            raise ValueError(f'lookup_grid: queries reach latents outside the window {tuple(window)} at '
-                             f'{window.origin} of the {window.full_hw} grid')
+        row_idx, col_idx = _into_window(row_idx, col_idx, window, 'PixelGrid.lookup')
         row_len = window[1]
     sy, r = rel_row.shape
     sx, c = rel_col.shape
@@ -191,38 +194,23 @@ def _combine_axes(row_part, col_part, cell, grid_hw, batch):
     rel_coord = torch.stack([rel_y, rel_x], dim=-1).view(s, 1, n, 2)
     area = ((rel_y * rel_x).abs() + _AREA_EPS).view(s, 1, n)
     weight = area.flip(0) / area.sum(dim=0)
-    if cell is not None:
-        rel_cell = torch.tensor([cell[0], cell[1]], device=rel_row.device, dtype=torch.float32)
-        rel_cell[0] *= h
-        rel_cell[1] *= w
-        rel_cell = rel_cell.view(1, 1, 1, 2).expand(s, batch, n, 2)
-    else:
-        rel_cell = None
+    rel_cell = torch.tensor([cell[0], cell[1]], device=rel_row.device, dtype=torch.float32)
+    rel_cell[0] *= h
+    rel_cell[1] *= w
+    rel_cell = rel_cell.view(1, 1, 1, 2).expand(s, batch, n, 2)
     return LatentLookup(index.view(s, 1, n).expand(s, batch, n), rel_coord.expand(s, batch, n, 2), rel_cell,
                         weight.expand(s, batch, n))
-
-
-def lookup_grid(rows, cols, cell, grid_hw, local_ensemble=True, batch=1):
-    """:func:`lookup_latents` for the queries of a pixel grid, computed per axis.
-
-    The queries are every (row, col) of ``rows`` (R,) x ``cols`` (C,) coordinates, row-major,
-    the same for each of ``batch`` images; ``cell`` is their (cell_h, cell_w) or None. On a
-    grid the nearest latent row and relative row coordinate depend on the query's row only
-    (and likewise for columns), so they are found for R + C coordinates and combined by
-    broadcasting - the very same float operations as :func:`lookup_latents` on the
-    meshgrid coordinates, so the result is identical (tested bit for bit).
-    """
-    h, w = grid_hw.full_hw if isinstance(grid_hw, LatentWindow) else grid_hw
-    return _combine_axes(_axis_lookup(rows, h, local_ensemble), _axis_lookup(cols, w, local_ensemble), cell,
-                         grid_hw, batch)
 
 
 class PixelGrid:
     """The pixel centres of an ``(H, W)`` output image, rendered block by block.
 
-    Each axis is looked up once per latent grid (:func:`lookup_grid`'s per-axis part, for
-    all H rows and W columns) and sliced for every block, so a block's lookup is a handful
-    of broadcasts however many blocks there are.
+    :meth:`lookup` is :func:`lookup_latents` for a block's pixels, computed per axis: on a
+    grid the nearest latent row and relative row coordinate depend on the pixel's row only
+    (and likewise for columns), so each axis is looked up once per latent grid, for all H
+    rows and W columns, and a block's lookup is a few broadcasts of slices of them - the
+    very same float operations as :func:`lookup_latents` on the pixels' coordinates, so
+    the result is identical (tested bit for bit).
     """
 
     def __init__(self, out_hw, device=None):
@@ -429,13 +417,22 @@ class ImplicitSRNet(nn.Module):
         return out * self.data_std.view(1, 1, -1) + self.data_mean.view(1, 1, -1)
 
     def forward(self, lq, coord, cell=None):
+        """(B, N, out) at ``coord``. Without autograd (``no_grad`` / ``inference_mode``) the
+        queries are decoded ``chunk_size`` at a time - the same numbers, with memory bounded
+        by the chunk instead of growing with N (a 2000x2000 output at once would gather
+        16M latent rows); with autograd all at once, as training needs."""
         prepared = self.prepare(self.encode(lq))
-        return self.denormalise(self.query_prepared(prepared, coord, cell))
+        if torch.is_grad_enabled() or exporting() or torch.compiler.is_compiling():
+            return self.denormalise(self.query_prepared(prepared, coord, cell))
+        return self._query_chunks(prepared, coord, cell, self.chunk_size)
 
     def query(self, lq, coord, cell=None, chunk_size=None):
         """``forward`` with the queries processed ``chunk_size`` at a time (inference)."""
-        chunk = chunk_size or self.chunk_size
-        prepared = self.prepare(self.encode(lq))
+        return self._query_chunks(self.prepare(self.encode(lq)), coord, cell, chunk_size or self.chunk_size)
+
+    def _query_chunks(self, prepared, coord, cell, chunk):
+        if coord.shape[1] <= chunk:
+            return self.denormalise(self.query_prepared(prepared, coord, cell))
         outs = [
             self.denormalise(self.query_prepared(prepared, coord[:, i:i + chunk], None if cell is None else
                                                  cell[:, i:i + chunk])) for i in range(0, coord.shape[1], chunk)
