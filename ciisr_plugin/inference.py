@@ -152,9 +152,23 @@ class _Footprint:
             for handle in handles:
                 handle.remove()
         prepared_bytes = sum(t.numel() * t.element_size() for t in _tensors(prepared))
-        rows = next(_tensors(prepared), None)
-        self.row_width = rows.shape[-1] if rows is not None and rows.dim() == 2 else 256
+        self.row_width = _row_width(prepared)
         self.per_latent = 4 * 3 * widest[0] + 2 * prepared_bytes / pixels
+
+
+def _row_width(prepared):
+    """Width of the widest first-layer activation one decode gathers: a (N, D) row table is
+    D wide; a tuple of tables, gathered together for one decoder, is as wide as their sum.
+    256 (LIIF's) when ``prepared`` has no row tables."""
+    def width(item):
+        if torch.is_tensor(item):
+            return item.shape[-1] if item.dim() == 2 else 0
+        if isinstance(item, tuple) and item and all(torch.is_tensor(t) and t.dim() == 2 for t in item):
+            return sum(t.shape[-1] for t in item)
+        return 0
+
+    widths = [width(item) for item in prepared] if isinstance(prepared, tuple) else [width(prepared)]
+    return max(widths + [0]) or 256
 
 
 def choose_tile(lq_shape, per_latent, halo, budget):

@@ -358,6 +358,19 @@ def test_sink_gets_every_pixel_once_and_auto_tile_follows_the_budget(monkeypatch
     assert (got - ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize('opt, width', [
+    (TINY_LIIF, 16),  # the MLP's first layer
+    (TINY_ALIIF, 16 + 3 * 8),  # expansion net + K bases, gathered from two tables for one decode
+    ({'type': 'LIIFGAN', 'encoder': TINY_EDSR, 'hidden_list': [16, 16]}, 16),  # two decoders, one at a time
+])
+def test_default_chunk_follows_the_widest_first_layer_activation(opt, width):
+    net = build(opt)
+    footprint = inference._Footprint(net, torch.rand(1, 3, 20, 20))
+    assert footprint.row_width == width
+    assert inference.default_chunk_size(net, 'cpu', footprint.row_width) == min(
+        net.chunk_size, max(256, inference.CPU_CHUNK_BYTES // (4 * width * 4)))
+
+
 def test_auto_tile_is_whole_image_when_it_fits():
     assert inference.choose_tile((1, 3, 50, 70), per_latent=1000, halo=37, budget=10 ** 9) == 70
     assert inference.choose_tile((1, 3, 5000, 7000), per_latent=1000, halo=37, budget=10 ** 8) == 316 - 74

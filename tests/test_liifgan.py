@@ -321,6 +321,22 @@ def test_decoder1_on_last_feature():
     torch.testing.assert_close(ip2, ref2, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize('num_block, after_blocks', [(1, 1), (2, 1), (5, 2), (0, 0)])
+def test_default_mid_feature_is_after_half_the_blocks(num_block, after_blocks):
+    torch.manual_seed(0)
+    encoder = build_network({'type': 'EDSREncoder', 'num_feat': 4, 'num_block': num_block}).eval()
+    x = torch.rand(1, 3, 5, 6)
+    with torch.no_grad():
+        mid, last = encoder(x, return_mid=True)
+        ref = encoder.conv_first(x)
+        for block in encoder.body[:after_blocks]:
+            ref = block(ref)
+    assert torch.equal(last, encoder(x)) and torch.equal(mid, ref)
+    net = tiny_net(encoder={'type': 'EDSREncoder', 'num_feat': 8, 'num_block': num_block}).eval()
+    with torch.no_grad():  # and LIIF-GAN's decoder 1 can read it
+        assert net.upscale(torch.rand(1, 3, 4, 4), (9, 7)).shape == (1, 3, 9, 7)
+
+
 def test_single_decoder_is_liif():
     net = tiny_net(dual_decoder=False)
     lq = torch.rand(1, 3, 6, 6)

@@ -2,10 +2,13 @@
 
 Almost all of an implicit decoder's arithmetic is ``(M, 256) x (256, 256)`` matrix
 products over millions of query rows. On CPU, ``F.linear`` in float32 goes to MKL's
-sgemm, which on AMD processors runs well below the AVX-512 peak (measured here: ~200
-GFLOP/s on 2 cores, vs ~490 for oneDNN's kernel on the same shapes; see
-``benchmarks/bench_inference.py``). oneDNN's kernel is also IEEE float32 (no reduced
-precision), so results agree with ``F.linear`` to rounding (~1e-7 relative).
+sgemm, which on AMD processors runs well below the AVX-512 peak (measured on a 2-core AMD
+machine: ~200 GFLOP/s, vs ~490 for oneDNN's kernel on the same shapes); on Intel Xeons
+the two are on par (measured end to end on a 2-core Xeon: equal within noise). Compare on
+your machine by running ``benchmarks/bench_speed.py`` with and without
+``CIISR_CPU_LINEAR=native``. oneDNN's kernel is IEEE float32 (no reduced precision), so
+results agree with ``F.linear`` to rounding (~1e-7 relative). Its ReLU is fused into the
+product, which saves a pass over each (M, 256) activation.
 
 :func:`linear` uses oneDNN where it can and ``F.linear`` everywhere else: other devices,
 tracing or export, and builds without oneDNN. In a bf16 ``torch.autocast`` region it

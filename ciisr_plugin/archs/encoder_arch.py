@@ -13,8 +13,8 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 
 def _check_mid_layer(mid_layer, num_blocks, name):
-    if mid_layer is None:
-        return num_blocks // 2
+    if mid_layer is None:  # half of them, and at least one block when there is one
+        return max(1, num_blocks // 2) if num_blocks else 0
     if not 1 <= mid_layer <= num_blocks:
         raise ValueError(f'{name}: mid_layer must be in [1, {num_blocks}] (blocks), got {mid_layer}')
     return mid_layer
@@ -40,7 +40,7 @@ class EDSREncoder(nn.Module):
 
     def forward(self, x, return_mid=False):
         x = self.conv_first(x)
-        res, mid = x, None
+        res, mid = x, (x if self.mid_layer == 0 else None)  # 0: a body without blocks
         for i, block in enumerate(self.body, start=1):
             res = block(res)
             if i == self.mid_layer:

@@ -249,7 +249,10 @@ def grid_to_rows(grid):
 
 
 def gather_rows(rows, lookup, grid_hw):
-    """Latent rows of every (shift, batch, query) of ``lookup``: (S*B*N, D)."""
+    """Latent rows of every (shift, batch, query) of ``lookup``: (S*B*N, D); for a tuple of
+    row tables (a decoder whose first layer feeds several nets), a tuple of such gathers."""
+    if isinstance(rows, tuple):
+        return tuple(gather_rows(table, lookup, grid_hw) for table in rows)
     s, b, n = lookup.index.shape
     offset = torch.arange(b, device=rows.device).view(1, b, 1) * (grid_hw[0] * grid_hw[1])
     return rows.index_select(0, (lookup.index + offset).view(-1))
@@ -273,8 +276,9 @@ class ImplicitDecoder(nn.Module):
     ``grid_features(feat)`` -> (B, D, h, w): everything that depends only on the latent
     (and its 3x3 neighbourhood when ``unfold``), computed once on the LR grid.
     ``decode(rows, rel_coord, rel_cell)`` -> (M, out): the rest, per query. ``rows`` is a
-    fresh gather made for this call; ``decode`` may overwrite it (and adding the per-query
-    part in place is much cheaper than a new (M, D) tensor).
+    fresh gather made for this call (a tuple of them if the prepared rows are a tuple of
+    tables); ``decode`` may overwrite it (and adding the per-query part in place is much
+    cheaper than a new (M, D) tensor).
     """
 
     def grid_features(self, feat):
