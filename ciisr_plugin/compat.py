@@ -113,8 +113,7 @@ def load_resume_state(opt):
 
     resume_state = None
     if opt['auto_resume']:
-        state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'],
-                                                                         'training_states')
+        state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
         resume_state = _newest_complete_state(opt, state_dir)
     elif opt['path'].get('resume_state'):
         path = opt['path']['resume_state']

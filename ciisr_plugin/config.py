@@ -207,4 +207,3 @@ def suggest(name, known):
     if not close:
         return ''
     return ' (did you mean ' + ' or '.join(repr(by_lower[c]) for c in close) + '?)'
-

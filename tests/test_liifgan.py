@@ -596,8 +596,8 @@ def test_recipes_are_valid(name):
         assert opt['train']['optim_g']['lr'] == 1e-4 and opt['train']['scheduler']['gamma'] == 0.5
         g = opt['network_g']
         assert g['encoder']['type'] == 'EDSREncoder' and g['hidden_list'] == [256] * 4
-        assert (g['dual_decoder'], g['decoder1_feature']) == ((True, 'mid') if name == 'train_liifgan.yml'
-                                                             else (False, 'last'))
+        expected = (True, 'mid') if name == 'train_liifgan.yml' else (False, 'last')
+        assert (g['dual_decoder'], g['decoder1_feature']) == expected
         net = build_network(copy.deepcopy(g))
         assert (net.decoder2 is not None) == g['dual_decoder']
         d = build_network(copy.deepcopy(opt['network_d']))

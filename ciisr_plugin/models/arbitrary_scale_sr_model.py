@@ -14,8 +14,8 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from ciisr_plugin.archs.fixed_scale_arch import pil_bicubic_resize
-from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, _to_plain, load_state_dict_exact, read_checkpoint,
-                                     save_atomic)
+from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, _to_plain, load_state_dict_exact,
+                                     read_checkpoint, save_atomic)
 from ciisr_plugin.results import write_results_report
 
 # Metrics that follow the LIIF paper's float protocol take the float RGB tensors in [0, 1]
