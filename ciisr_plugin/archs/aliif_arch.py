@@ -183,12 +183,11 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         # added in place; the expansion net's remaining layers give the coefficients that mix
         # the bases. ReLUs run in place: these (M, 256) tensors are the largest per query.
         expansion_rows, basis_rows = rows
-        _, extra_weight = split_first_linear(self._first_layer_weights(), self.encoder.out_channels,
-                                             self.feat_unfold)
-        width = self.expansion.layers[0].out_features
-        x = add_query_part(expansion_rows, rel_coord, rel_cell, extra_weight[:width])
+        latent = self.decoder_in_channels  # the first layers' columns for coord / cell follow these
+        x = add_query_part(expansion_rows, rel_coord, rel_cell, self.expansion.layers[0].weight[:, latent:])
         coeff = normalise_coefficients(run_mlp(self.expansion.layers[1:], x), self.coeff_norm)
-        return self.basis(add_query_part(basis_rows, rel_coord, rel_cell, extra_weight[width:]), coeff)
+        first = add_query_part(basis_rows, rel_coord, rel_cell, self.basis.stacked_weight(0)[:, latent:])
+        return self.basis(first, coeff)
 
     # -- ImplicitSRNet -----------------------------------------------------------------------
     def prepare(self, feat):
