@@ -135,12 +135,19 @@ def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
     else:
         rel_cell = None
 
-    area = (rel_coord[..., 0] * rel_coord[..., 1]).abs() + _AREA_EPS
-    weight = area.flip(0) / area.sum(dim=0)  # flip(0) pairs each shift with its diagonal opposite
+    weight = _ensemble_weight(rel_coord[..., 0], rel_coord[..., 1])
     if window is None:
         return LatentLookup(row_idx * w + col_idx, rel_coord, rel_cell, weight)
     row_idx, col_idx = _into_window(row_idx, col_idx, window, 'lookup_latents')
     return LatentLookup(row_idx * window[1] + col_idx, rel_coord, rel_cell, weight)
+
+
+def _ensemble_weight(rel_y, rel_x):
+    """Local-ensemble blend weights from relative coordinates with the shift as leading dim:
+    each shift is weighted by the area of its diagonal opposite (``flip(0)`` pairs them in
+    the order (-,-), (-,+), (+,-), (+,+)), normalised over the shifts."""
+    area = (rel_y * rel_x).abs() + _AREA_EPS
+    return area.flip(0) / area.sum(dim=0)
 
 
 def _into_window(row_idx, col_idx, window, caller):
@@ -192,8 +199,7 @@ def _combine_axes(row_part, col_part, cell, grid_hw, batch):
     rel_x = rel_col.view(1, sx, 1, c).expand(sy, sx, r, c).reshape(s, r, c)
     index = (row_idx * row_len).view(sy, 1, r, 1) + col_idx.view(1, sx, 1, c)
     rel_coord = torch.stack([rel_y, rel_x], dim=-1).view(s, 1, n, 2)
-    area = ((rel_y * rel_x).abs() + _AREA_EPS).view(s, 1, n)
-    weight = area.flip(0) / area.sum(dim=0)
+    weight = _ensemble_weight(rel_y, rel_x).view(s, 1, n)
     rel_cell = torch.tensor([cell[0], cell[1]], device=rel_row.device, dtype=torch.float32)
     rel_cell[0] *= h
     rel_cell[1] *= w
