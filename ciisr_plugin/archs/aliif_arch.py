@@ -13,18 +13,23 @@ the outer product ``c (x) h`` (see :meth:`PointwiseBasis.forward`). The same num
 float rounding, without the per-query matrices.
 """
 import math
+import weakref
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
+from . import fused_cpu
 from .cpu_linear import run_mlp
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, decode_lookup, grid_to_rows, latent_conv,
                              split_first_linear)
-from .liif_arch import MLPDecoder
+from .liif_arch import MLPDecoder, first_layer_fused
 
 COEFF_NORMS = ('l2', 'softmax', 'sum')
+# ALIIF -> (parameter versions, fused_cpu.BasisKernel): outside the module, so that pickling or
+# deep-copying a net never meets the kernel's ctypes pointers
+_BASIS_KERNELS = weakref.WeakKeyDictionary()
 
 
 def normalise_coefficients(logits, mode):
@@ -188,6 +193,37 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         coeff = normalise_coefficients(run_mlp(self.expansion.layers[1:], x), self.coeff_norm)
         first = add_query_part(basis_rows, rel_coord, rel_cell, self.basis.stacked_weight(0)[:, latent:])
         return self.basis(first, coeff)
+
+    def decode_indexed(self, rows, index, rel_coord, rel_cell):
+        # CPU inference: the expansion net's first layer fused (see MLPDecoder), and the bases
+        # from their row table to the output in one kernel (nothing (M, K * 16) is written)
+        expansion_rows, basis_rows = rows
+        if fused_cpu.applies(expansion_rows, basis_rows, rel_coord):
+            extra = fused_cpu.query_inputs(rel_coord, rel_cell)
+            x, rest = first_layer_fused(self.expansion.layers, expansion_rows, index, extra,
+                                        self.encoder.out_channels, self.feat_unfold)
+            if x is not None:
+                coeff = normalise_coefficients(run_mlp(rest, x), self.coeff_norm)
+                out = self._basis_kernel()(basis_rows, index, extra,
+                                           self.basis.stacked_weight(0)[:, self.decoder_in_channels:], coeff)
+                if out is not None:
+                    return out
+        return super().decode_indexed(rows, index, rel_coord, rel_cell)
+
+    def _basis_kernel(self):
+        """The bases' later layers packed for :class:`fused_cpu.BasisKernel`, rebuilt whenever a
+        parameter changes (in place, as an optimiser step does, or replaced)."""
+        params = [getattr(self.basis, f'{kind}{i}') for i in range(1, self.basis.num_layers)
+                  for kind in ('weight', 'bias')]
+        key = tuple((p.data_ptr(), p._version) for p in params) + (self.decoder_extra_channels, )
+        cached = _BASIS_KERNELS.get(self)
+        if cached is None or cached[0] != key:
+            basis = self.basis
+            layers = [(getattr(basis, f'weight{i}').view(basis.num_basis, basis.dims[i + 1], basis.dims[i]),
+                       getattr(basis, f'bias{i}')) for i in range(1, basis.num_layers)]
+            cached = key, fused_cpu.BasisKernel(basis.num_basis, basis.dims[1], layers, self.decoder_extra_channels)
+            _BASIS_KERNELS[self] = cached
+        return cached[1]
 
     # -- ImplicitSRNet -----------------------------------------------------------------------
     def prepare(self, feat):

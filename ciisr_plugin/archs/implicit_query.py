@@ -254,21 +254,31 @@ def grid_to_rows(grid):
     return grid.permute(0, 2, 3, 1).reshape(-1, grid.shape[1]).contiguous()
 
 
-def gather_rows(rows, lookup, grid_hw):
-    """Latent rows of every (shift, batch, query) of ``lookup``: (S*B*N, D); for a tuple of
-    row tables (a decoder whose first layer feeds several nets), a tuple of such gathers."""
-    if isinstance(rows, tuple):
-        return tuple(gather_rows(table, lookup, grid_hw) for table in rows)
+def flat_index(lookup, grid_hw):
+    """(S*B*N,) row of every (shift, batch, query) of ``lookup`` in a (B*h*w, D) row table."""
     s, b, n = lookup.index.shape
-    offset = torch.arange(b, device=rows.device).view(1, b, 1) * (grid_hw[0] * grid_hw[1])
-    return rows.index_select(0, (lookup.index + offset).view(-1))
+    offset = torch.arange(b, device=lookup.index.device).view(1, b, 1) * (grid_hw[0] * grid_hw[1])
+    return (lookup.index + offset).view(-1)
+
+
+def take_rows(rows, index):
+    """``rows[index]``: (M, D); for a tuple of row tables (a decoder whose first layer feeds
+    several nets), a tuple of such gathers."""
+    if isinstance(rows, tuple):
+        return tuple(take_rows(table, index) for table in rows)
+    return rows.index_select(0, index)
+
+
+def gather_rows(rows, lookup, grid_hw):
+    """Latent rows of every (shift, batch, query) of ``lookup``: (S*B*N, D), or a tuple."""
+    return take_rows(rows, flat_index(lookup, grid_hw))
 
 
 def decode_lookup(decoder, rows, lookup, grid_hw, cell_decode=True):
     """Run ``decoder`` on every shift of ``lookup`` as one batch and blend: (B, N, out)."""
     s, b, n = lookup.index.shape
     rel_cell = lookup.rel_cell.reshape(-1, 2) if (cell_decode and lookup.rel_cell is not None) else None
-    pred = decoder.decode(gather_rows(rows, lookup, grid_hw), lookup.rel_coord.reshape(-1, 2), rel_cell)
+    pred = decoder.decode_indexed(rows, flat_index(lookup, grid_hw), lookup.rel_coord.reshape(-1, 2), rel_cell)
     pred = pred.view(s, b, n, -1)
     out = pred[0] * lookup.weight[0].unsqueeze(-1)
     for k in range(1, s):
@@ -281,10 +291,10 @@ class ImplicitDecoder(nn.Module):
 
     ``grid_features(feat)`` -> (B, D, h, w): everything that depends only on the latent
     (and its 3x3 neighbourhood when ``unfold``), computed once on the LR grid.
-    ``decode(rows, rel_coord, rel_cell)`` -> (M, out): the rest, per query. ``rows`` is a
-    fresh gather made for this call (a tuple of them if the prepared rows are a tuple of
-    tables); ``decode`` may overwrite it (and adding the per-query part in place is much
-    cheaper than a new (M, D) tensor).
+    ``decode(rows, rel_coord, rel_cell)`` -> (M, out): the rest, per query (the engine calls
+    it through :meth:`decode_indexed`). ``rows`` is a fresh gather made for this call (a
+    tuple of them if the prepared rows are a tuple of tables); ``decode`` may overwrite it
+    (adding the per-query part in place is much cheaper than a new (M, D) tensor).
     """
 
     def grid_features(self, feat):
@@ -292,6 +302,12 @@ class ImplicitDecoder(nn.Module):
 
     def decode(self, rows, rel_coord, rel_cell):
         raise NotImplementedError
+
+    def decode_indexed(self, rows, index, rel_coord, rel_cell):
+        """``decode`` on the rows ``index`` (M,) of the prepared table(s) ``rows``. What the
+        engine calls: a decoder with a kernel that reads the table itself (see
+        :mod:`fused_cpu`) overrides it; this default gathers, then decodes."""
+        return self.decode(take_rows(rows, index), rel_coord, rel_cell)
 
 
 def split_first_linear(weight, in_channels, unfold):

@@ -1,0 +1,280 @@
+"""Fused CPU kernels for the decoders' inference, compiled for this machine at first use.
+
+Between the big matrix products, an implicit decoder makes several passes over (M, D)
+activations that plain torch ops cannot fuse: gathering the latent rows, adding the
+query's coordinate part, the ReLU; and A-LIIF's ten 16-wide basis MLPs, which are tiny
+products on wide outer products (memory-bound in torch, measured ~1 s of a 128 -> x4
+upscale on 2 cores). ``fused_cpu.c`` does each of those in one pass, reading the latent
+table through the query index itself.
+
+The C source is compiled with the system C compiler (``$CC``, else ``cc``) for this CPU
+(``-march=native``) and cached under ``$CIISR_KERNEL_CACHE`` (default
+``~/.cache/ciisr/kernels``), keyed by source, options, compiler and CPU. Each library is
+checked against torch on a small case before use. Where no compiler works, a warning
+says so once and the decoders run their plain torch path - the same numbers (to float
+rounding, ~1e-7 relative), slower.
+
+Only inference uses them: float32 on CPU, autograd off, not tracing / exporting /
+compiling, no autocast. ``CIISR_FUSED_CPU=off`` (or :func:`set_enabled`) turns them off,
+e.g. to compare.
+"""
+import concurrent.futures
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+import torch
+
+from .cpu_linear import exporting
+
+logger = logging.getLogger('ciisr')
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fused_cpu.c')
+_FLAGS = ('-O3', '-march=native', '-mprefer-vector-width=512', '-std=gnu11', '-shared', '-fPIC')
+_ENABLED = os.environ.get('CIISR_FUSED_CPU', 'on').lower() not in ('off', '0', 'false', 'no')
+_LIBRARIES = {}  # defines -> ctypes library, or None when it could not be built / failed its check
+_LOCK = threading.Lock()
+_WARNED = False
+# rows below which splitting one call across threads costs more than it saves
+_ROWS_PER_THREAD = 4096
+_POOL = None
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+def set_enabled(enabled):
+    """Use the fused kernels where they apply (True, the default) or never (False)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def applies(*tensors):
+    """The fused kernels may run on these tensors here: inference on CPU in float32."""
+    if not _ENABLED or torch.is_grad_enabled() or exporting() or torch.compiler.is_compiling():
+        return False
+    if torch.is_autocast_enabled('cpu'):
+        return False
+    return all(t.device.type == 'cpu' and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+def cache_dir():
+    root = os.environ.get('CIISR_KERNEL_CACHE')
+    if not root:
+        root = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'ciisr', 'kernels')
+    return root
+
+
+def _cpu_signature():
+    """What -march=native compiles for: a library built on another CPU may not run here."""
+    text = platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith(('flags', 'model name', 'Features')):
+                    text += line
+                    if line.startswith(('flags', 'Features')):
+                        break
+    except OSError:
+        text += platform.processor()
+    return text
+
+
+def _compiler():
+    return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
+
+
+def _compile(defines):
+    """Path of the shared library for ``defines`` (compiled now unless cached)."""
+    compiler = _compiler()
+    if not compiler:
+        raise KernelError('no C compiler found (set CC, or install gcc)')
+    with open(_SOURCE) as f:
+        source = f.read()
+    header = ''.join(f'#define {name} {value}\n' for name, value in defines)
+    key = hashlib.sha256('\0'.join([header, source, compiler, ' '.join(_FLAGS), _cpu_signature()
+                                    ]).encode()).hexdigest()[:20]
+    root = cache_dir()
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError:
+        root = os.path.join(tempfile.gettempdir(), f'ciisr-kernels-{os.getuid()}')
+        os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, f'fused_cpu_{key}.so')
+    if os.path.exists(path):
+        return path
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        c_file = os.path.join(tmp, 'fused_cpu.c')
+        with open(c_file, 'w') as f:
+            f.write(header + source)
+        built = os.path.join(tmp, 'fused_cpu.so')
+        start = time.perf_counter()
+        result = subprocess.run([compiler, *_FLAGS, '-o', built, c_file], capture_output=True, text=True)
+        if result.returncode != 0:
+            first = (result.stderr.strip().splitlines() or ['(no message)'])[0]
+            raise KernelError(f'{compiler} failed on fused_cpu.c: {first}')
+        os.replace(built, path)  # atomic: a concurrent build of the same key just replaces it
+    logger.info('compiled fused CPU kernels in %.1f s: %s', time.perf_counter() - start, path)
+    return path
+
+
+def _load(path):
+    lib = ctypes.CDLL(path)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ciisr_first_layer.argtypes = [i64, i64, i64, ctypes.c_int, ptr, i64, ptr, ptr, ptr, ptr]
+    lib.ciisr_first_layer.restype = ctypes.c_int
+    if hasattr(lib, 'ciisr_basis_decode'):
+        lib.ciisr_basis_decode.argtypes = [i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+        lib.ciisr_basis_decode.restype = ctypes.c_int
+    return lib
+
+
+def _self_check(lib):
+    """The first-layer kernel agrees with torch on a small random case (a wrong build, ABI or
+    compiler bug shows here rather than in an image)."""
+    gen = torch.Generator().manual_seed(0)
+    table, extra, weight = (torch.randn(*s, generator=gen) for s in ((7, 37), (11, 3), (37, 3)))
+    index = torch.randint(0, 7, (11, ), generator=gen)
+    out = torch.empty(11, 37)
+    weight_t = weight.t().contiguous()
+    code = lib.ciisr_first_layer(11, 37, 3, 1, table.data_ptr(), 7, index.data_ptr(), extra.data_ptr(),
+                                 weight_t.data_ptr(), out.data_ptr())
+    expected = (table[index] + extra @ weight.t()).relu()
+    if code != 0 or not torch.allclose(out, expected, atol=1e-5):
+        raise KernelError('the compiled kernel disagrees with torch on a test case')
+
+
+def library(defines=()):
+    """The compiled kernels for ``defines`` (a tuple of (name, value)), or None if unavailable."""
+    global _WARNED
+    defines = tuple(defines)
+    lib = _LIBRARIES.get(defines, False)
+    if lib is not False:
+        return lib
+    with _LOCK:
+        if defines not in _LIBRARIES:
+            try:
+                lib = _load(_compile(defines))
+                _self_check(lib)
+            except (KernelError, OSError, AttributeError) as exc:
+                lib = None
+                if not _WARNED:
+                    _WARNED = True
+                    logger.warning('fused CPU kernels unavailable (%s): decoding runs on plain torch ops, the same '
+                                   'numbers, slower. CIISR_FUSED_CPU=off silences this.', exc)
+            _LIBRARIES[defines] = lib
+    return _LIBRARIES[defines]
+
+
+# ----------------------------------------------------------------------------------------------
+# calling
+def _split_rows(m, run):
+    """``run(start, stop)`` over the rows, on the intra-op threads when there are enough rows
+    (the kernels are single-threaded; inside ``decode_in_order`` there is one thread)."""
+    global _POOL
+    parts = min(torch.get_num_threads(), m // _ROWS_PER_THREAD)
+    if parts <= 1:
+        return [run(0, m)]
+    if _POOL is None:
+        with _LOCK:
+            if _POOL is None:
+                _POOL = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix='ciisr-fused')
+    bounds = [m * i // parts for i in range(parts + 1)]
+    return list(_POOL.map(lambda i: run(bounds[i], bounds[i + 1]), range(parts)))
+
+
+def _check(codes, what):
+    if any(codes):
+        raise IndexError(f'{what}: a query index is outside the latent table')
+
+
+def query_inputs(rel_coord, rel_cell):
+    """(M, 2 or 4) float32 rows ``[rel_coord, rel_cell]``, laid out for the kernels."""
+    extra = rel_coord if rel_cell is None else torch.cat([rel_coord, rel_cell], dim=-1)
+    return extra.float().contiguous()
+
+
+def first_layer(table, index, extra, weight, relu):
+    """``relu?(table[index] + extra @ weight.T)``: (M, D), or None where the kernels are not
+    available. ``table`` (N, D), ``index`` (M,) int64, ``extra`` (M, E), ``weight`` (D, E)."""
+    lib = library()
+    if lib is None:
+        return None
+    table, index = table.contiguous(), index.contiguous()
+    weight_t = weight.detach().t().float().contiguous()
+    (n, d), (m, e) = table.shape, extra.shape
+    out = torch.empty(m, d)
+
+    def run(a, b):
+        return lib.ciisr_first_layer(b - a, d, e, int(bool(relu)), table.data_ptr(), n, index[a:].data_ptr(),
+                                     extra[a:].data_ptr(), weight_t.data_ptr(), out[a:].data_ptr())
+
+    _check(_split_rows(m, run), 'first_layer')
+    return out
+
+
+def _padded(n):
+    return -(-n // 16) * 16
+
+
+class BasisKernel:
+    """A-LIIF's basis MLPs for the fused kernel: compile-time dimensions, packed weights.
+
+    ``layers`` is ``[(weight_i, bias_i), ...]`` for the layers after the first, each weight
+    ``(K, d_out, d_in)`` and bias ``(K, d_out)``; ``first_width`` the first layer's width.
+    """
+
+    def __init__(self, num_basis, first_width, layers, extra_channels):
+        dims = [first_width] + [w.shape[1] for w, _ in layers]
+        vectors = [_padded(d) // 16 for d in dims[1:]]
+        calls, buffers = [], ('ha', 'hb')
+        for i, (d_in, nv) in enumerate(zip(dims[:-1], vectors)):
+            relu = int(i < len(layers) - 1)
+            calls.append(f'mixed_layer(nr, {d_in}, {nv}, {relu}, c, {buffers[i % 2]}, {buffers[1 - i % 2]}, '
+                         f'ws[{i}], bs[{i}]);')
+        self.defines = (('BASIS_K', num_basis), ('BASIS_E', extra_channels), ('BASIS_H0', first_width),
+                        ('BASIS_OUT', dims[-1]), ('BASIS_STRIDE', max(_padded(d) for d in dims)),
+                        ('BASIS_LAYERS(nr)', ' '.join(calls)), ('BASIS_RESULT', buffers[len(layers) % 2]))
+        self.num_basis, self.out_channels = num_basis, dims[-1]
+        self.weights, self.biases = [], []
+        for (weight, bias), nv in zip(layers, vectors):
+            k, d_out, d_in = weight.shape
+            packed = weight.new_zeros(k, d_in, nv * 16)
+            packed[:, :, :d_out] = weight.detach().transpose(1, 2)
+            padded_bias = bias.new_zeros(k, nv * 16)
+            padded_bias[:, :d_out] = bias.detach()
+            self.weights.append(packed.float().contiguous())
+            self.biases.append(padded_bias.float().contiguous())
+        self._weight_ptrs = (ctypes.c_void_p * len(layers))(*[w.data_ptr() for w in self.weights])
+        self._bias_ptrs = (ctypes.c_void_p * len(layers))(*[b.data_ptr() for b in self.biases])
+
+    def __call__(self, table, index, extra, first_weight, coeff):
+        """(M, out): the bases decoded from their first-layer latent parts ``table`` (N, K * H0)
+        read at ``index``, query inputs ``extra`` (M, E) through ``first_weight`` (K * H0, E),
+        mixed by ``coeff`` (M, K); None where the kernels are not available."""
+        lib = library(self.defines)
+        if lib is None:
+            return None
+        table, index = table.contiguous(), index.contiguous()
+        coeff = coeff.float().contiguous()
+        weight_t = first_weight.detach().t().float().contiguous()
+        n, m = table.shape[0], extra.shape[0]
+        out = torch.empty(m, self.out_channels)
+
+        def run(a, b):
+            return lib.ciisr_basis_decode(b - a, table.data_ptr(), n, index[a:].data_ptr(), extra[a:].data_ptr(),
+                                          weight_t.data_ptr(), coeff[a:].data_ptr(), self._weight_ptrs,
+                                          self._bias_ptrs, out[a:].data_ptr())
+
+        _check(_split_rows(m, run), 'basis_decode')
+        return out

@@ -1,0 +1,182 @@
+"""Fused CPU inference kernels (ciisr_plugin.archs.fused_cpu) vs the plain torch decoders."""
+import logging
+import shutil
+
+import pytest
+import torch
+
+from basicsr.archs import build_network
+from ciisr_plugin.archs import fused_cpu
+from ciisr_plugin.inference import upscale_tiled
+
+HAS_COMPILER = fused_cpu._compiler() is not None
+
+
+@pytest.fixture(autouse=True)
+def enabled(monkeypatch):
+    monkeypatch.setattr(fused_cpu, '_ENABLED', True)
+
+
+def _spy(monkeypatch):
+    """Count the fused kernels' calls (that they ran, not just that the output matches)."""
+    calls = {'first': 0, 'basis': 0}
+    first, basis = fused_cpu.first_layer, fused_cpu.BasisKernel.__call__
+
+    def first_spy(*args, **kwargs):
+        calls['first'] += 1
+        return first(*args, **kwargs)
+
+    def basis_spy(*args, **kwargs):
+        calls['basis'] += 1
+        return basis(*args, **kwargs)
+
+    monkeypatch.setattr(fused_cpu, 'first_layer', first_spy)
+    monkeypatch.setattr(fused_cpu.BasisKernel, '__call__', basis_spy)
+    return calls
+
+
+def test_the_kernels_build_here():
+    # the speed of CPU inference depends on them: a machine with a C compiler must build them
+    assert HAS_COMPILER, 'no C compiler on this machine (the fused kernels need cc / gcc / clang, or CC)'
+    assert fused_cpu.library() is not None
+
+
+@pytest.mark.parametrize('relu', [True, False])
+@pytest.mark.parametrize('d, e', [(256, 4), (37, 2), (16, 3)])
+def test_first_layer_matches_torch(d, e, relu):
+    gen = torch.Generator().manual_seed(d + e)
+    table, extra, weight = torch.randn(50, d, generator=gen), torch.randn(333, e, generator=gen), torch.randn(
+        d, e, generator=gen)
+    index = torch.randint(0, 50, (333, ), generator=gen)
+    ref = table[index] + extra @ weight.t()
+    ref = ref.relu() if relu else ref
+    with torch.no_grad():
+        out = fused_cpu.first_layer(table, index, extra, weight, relu)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+
+
+def test_rows_split_across_threads_match(monkeypatch):
+    monkeypatch.setattr(fused_cpu, '_ROWS_PER_THREAD', 64)
+    gen = torch.Generator().manual_seed(3)
+    table, extra, weight = torch.randn(40, 64, generator=gen), torch.randn(1001, 4, generator=gen), torch.randn(
+        64, 4, generator=gen)
+    index = torch.randint(0, 40, (1001, ), generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out = fused_cpu.first_layer(table, index, extra, weight, True)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, (table[index] + extra @ weight.t()).relu(), rtol=1e-6, atol=1e-5)
+
+
+def test_an_index_outside_the_table_raises_instead_of_reading_memory():
+    table, extra, weight = torch.randn(10, 32), torch.randn(5, 4), torch.randn(32, 4)
+    for bad in (10, -1):
+        index = torch.tensor([0, 3, bad, 1, 2])
+        with torch.no_grad(), pytest.raises(IndexError, match='outside the latent table'):
+            fused_cpu.first_layer(table, index, extra, weight, True)
+
+
+def test_not_used_with_autograd_or_autocast():
+    x = torch.randn(4, 8)
+    assert not fused_cpu.applies(x)  # grad mode on
+    with torch.no_grad():
+        assert fused_cpu.applies(x)
+        assert not fused_cpu.applies(x.double())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert not fused_cpu.applies(x)
+
+
+NETS = {
+    'liif': {'type': 'LIIF', 'encoder': {'type': 'EDSREncoder', 'num_feat': 16, 'num_block': 2},
+             'hidden_list': [32, 32]},
+    'liif-no-cell-no-unfold': {'type': 'LIIF', 'encoder': {'type': 'EDSREncoder', 'num_feat': 16, 'num_block': 1},
+                               'hidden_list': [24], 'cell_decode': False, 'feat_unfold': False},
+    'liifgan': {'type': 'LIIFGAN', 'encoder': {'type': 'EDSREncoder', 'num_feat': 16, 'num_block': 2},
+                'hidden_list': [32, 32]},
+    'aliif': {'type': 'ALIIF', 'encoder': {'type': 'EDSREncoder', 'num_feat': 16, 'num_block': 2}, 'num_basis': 4,
+              'basis_hidden': [16, 16], 'expansion_hidden': [32, 32]},
+    # widths that are not whole 16-float vectors, K = 1, softmax coefficients, no cell input
+    'aliif-odd': {'type': 'ALIIF', 'encoder': {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 1}, 'num_basis': 3,
+                  'basis_hidden': [20, 7, 33], 'expansion_hidden': [24], 'coeff_norm': 'softmax',
+                  'cell_decode': False, 'out_channels': 5},
+    'aliif-one-basis': {'type': 'ALIIF', 'encoder': {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 1},
+                        'num_basis': 1, 'basis_hidden': [16], 'expansion_hidden': [16], 'feat_unfold': False},
+}
+
+
+def _net(name):
+    torch.manual_seed(0)
+    net = build_network(dict(NETS[name])).eval()
+    if hasattr(net, 'basis'):
+        with torch.no_grad():  # the authors' init makes the bases almost silent; give them a say
+            for p in net.basis.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+    return net
+
+
+@pytest.mark.parametrize('name', list(NETS))
+def test_fused_inference_matches_the_torch_path(name, monkeypatch):
+    net = _net(name)
+    lq = torch.rand(2, 3, 13, 17, generator=torch.Generator().manual_seed(1))
+    calls = _spy(monkeypatch)
+    fused = upscale_tiled(net, lq, (29, 41), chunk_size=100)
+    assert calls['first'] > 0 and (calls['basis'] > 0) == name.startswith('aliif')
+    fused_cpu.set_enabled(False)
+    plain = upscale_tiled(net, lq, (29, 41), chunk_size=100)
+    assert plain.std() > 0.02  # a real comparison, not of two near-constant images
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+
+
+def test_arbitrary_queries_use_the_kernels_too(monkeypatch):
+    net = _net('aliif')
+    lq = torch.rand(1, 3, 9, 11, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    coord = torch.rand(1, 500, 2, generator=gen) * 2 - 1
+    cell = torch.full((1, 500, 2), 2 / 37.)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        fused = net(lq, coord, cell)
+    assert calls['basis'] > 0
+    plain = net(lq, coord, cell)  # autograd on: the torch path
+    torch.testing.assert_close(fused, plain.detach(), rtol=0, atol=1e-5)
+
+
+def test_packed_basis_weights_follow_parameter_updates():
+    net = _net('aliif')
+    lq = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    upscale_tiled(net, lq, (20, 20))
+    with torch.no_grad():
+        net.basis.weight1.mul_(-1.5)  # in place, as an optimiser step
+        net.basis.bias2.add_(0.3)
+    fused = upscale_tiled(net, lq, (20, 20))
+    fused_cpu.set_enabled(False)
+    torch.testing.assert_close(fused, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=1e-5)
+
+
+def test_without_a_compiler_one_warning_then_the_torch_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(fused_cpu, '_LIBRARIES', {})
+    monkeypatch.setattr(fused_cpu, '_WARNED', False)
+    monkeypatch.setenv('CIISR_KERNEL_CACHE', str(tmp_path))
+    monkeypatch.setenv('CC', shutil.which('false') or '/bin/false')
+    net = _net('aliif')
+    lq = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with caplog.at_level(logging.WARNING, logger='ciisr'):
+        out = upscale_tiled(net, lq, (20, 20))
+        upscale_tiled(net, lq, (20, 20))
+    warnings = [r for r in caplog.records if 'fused CPU kernels unavailable' in r.getMessage()]
+    assert len(warnings) == 1 and 'failed on fused_cpu.c' in warnings[0].getMessage()
+    fused_cpu.set_enabled(False)
+    torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)
+
+
+def test_a_net_that_ran_the_kernels_still_pickles_and_copies(tmp_path):
+    import copy
+    net = _net('aliif')
+    lq = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    out = upscale_tiled(net, lq, (16, 16))
+    torch.save(net, tmp_path / 'net.pt')  # whole-module pickle: no ctypes pointer may hang off it
+    for other in (copy.deepcopy(net), torch.load(tmp_path / 'net.pt', weights_only=False)):
+        torch.testing.assert_close(upscale_tiled(other, lq, (16, 16)), out, rtol=0, atol=0)
