@@ -35,10 +35,15 @@ def _spy(monkeypatch):
     return calls
 
 
-def test_the_kernels_build_here():
-    # the speed of CPU inference depends on them: a machine with a C compiler must build them
-    assert HAS_COMPILER, 'no C compiler on this machine (the fused kernels need cc / gcc / clang, or CC)'
-    assert fused_cpu.library() is not None
+def test_the_kernels_build_wherever_there_is_a_compiler(caplog):
+    # CPU inference speed depends on them: with a C compiler they must build; without one the
+    # decoders fall back to torch (tested below) and a warning must say why
+    with caplog.at_level(logging.WARNING, logger='ciisr'):
+        lib = fused_cpu.library()
+    if HAS_COMPILER:
+        assert lib is not None, caplog.text
+    else:
+        assert lib is None and 'no C compiler found' in caplog.text
 
 
 @pytest.mark.parametrize('relu', [True, False])

@@ -10,7 +10,8 @@ layer of both the expansion net and the bases reads the unfolded latent, so that
 once per latent on the LR grid as one convolution (see :mod:`implicit_query`) and its K
 outputs are mixed per query; every later layer is one product of the stacked bases with
 the outer product ``c (x) h`` (see :meth:`PointwiseBasis.forward`). The same numbers, to
-float rounding, without the per-query matrices.
+float rounding, without the per-query matrices. CPU inference runs the bases, from their
+row table to the output, in one fused kernel (:mod:`fused_cpu`).
 """
 import math
 import weakref

@@ -164,9 +164,13 @@ def library(defines=()):
     with _LOCK:
         if defines not in _LIBRARIES:
             try:
-                lib = _load(_compile(defines))
+                path = _compile(defines)
+                try:
+                    lib = _load(path)
+                except (OSError, AttributeError) as exc:
+                    raise KernelError(f'cannot load {path} ({exc}); delete it to rebuild') from exc
                 _self_check(lib)
-            except (KernelError, OSError, AttributeError) as exc:
+            except (KernelError, OSError) as exc:
                 lib = None
                 if not _WARNED:
                     _WARNED = True
