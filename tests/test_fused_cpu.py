@@ -185,3 +185,15 @@ def test_a_net_that_ran_the_kernels_still_pickles_and_copies(tmp_path):
     torch.save(net, tmp_path / 'net.pt')  # whole-module pickle: no ctypes pointer may hang off it
     for other in (copy.deepcopy(net), torch.load(tmp_path / 'net.pt', weights_only=False)):
         torch.testing.assert_close(upscale_tiled(other, lq, (16, 16)), out, rtol=0, atol=0)
+
+
+def test_aliif_without_its_basis_kernel_decodes_on_torch(monkeypatch):
+    # e.g. the compiler rejects one configuration: the whole decode falls back, once
+    net = _net('aliif')
+    lq = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    calls = _spy(monkeypatch)
+    monkeypatch.setattr(fused_cpu.BasisKernel, 'available', lambda self: False)
+    out = upscale_tiled(net, lq, (20, 20))
+    assert calls == {'first': 0, 'basis': 0}
+    fused_cpu.set_enabled(False)
+    torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)

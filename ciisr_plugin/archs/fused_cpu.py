@@ -262,6 +262,10 @@ class BasisKernel:
         self._weight_ptrs = (ctypes.c_void_p * len(layers))(*[w.data_ptr() for w in self.weights])
         self._bias_ptrs = (ctypes.c_void_p * len(layers))(*[b.data_ptr() for b in self.biases])
 
+    def available(self):
+        """Whether this kernel compiled (it is compiled on the first call of this)."""
+        return library(self.defines) is not None
+
     def __call__(self, table, index, extra, first_weight, coeff):
         """(M, out): the bases decoded from their first-layer latent parts ``table`` (N, K * H0)
         read at ``index``, query inputs ``extra`` (M, E) through ``first_weight`` (K * H0, E),
