@@ -84,6 +84,17 @@ def test_an_index_outside_the_table_raises_instead_of_reading_memory():
             fused_cpu.first_layer(table, index, extra, weight, True)
 
 
+def test_inconsistent_shapes_are_an_error_not_a_read_past_the_tensor():
+    table, index, weight = torch.randn(10, 32), torch.tensor([0, 1, 2]), torch.randn(32, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match='inconsistent inputs'):
+        fused_cpu.first_layer(table, index, torch.randn(3, 2), weight, True)  # 2 query inputs, weight has 4
+    net = _net('aliif')
+    kernel = net._basis_kernel()
+    first_weight = net.basis.stacked_weight(0)[:, net.decoder_in_channels:]
+    with torch.no_grad(), pytest.raises(ValueError, match='inconsistent inputs'):
+        kernel(torch.randn(10, 64), index, torch.randn(3, 4), first_weight, torch.randn(2, 4))  # 2 coeff rows
+
+
 def test_not_used_with_autograd_or_autocast():
     x = torch.randn(4, 8)
     assert not fused_cpu.applies(x)  # grad mode on

@@ -197,6 +197,13 @@ def _split_rows(m, run):
     return list(_POOL.map(lambda i: run(bounds[i], bounds[i + 1]), range(parts)))
 
 
+def _check_shapes(what, ok, **tensors):
+    """The C code trusts its shapes: a mismatch must stop here, not read past a tensor."""
+    if not ok:
+        shapes = ', '.join(f'{name} {tuple(t.shape)} {t.dtype}' for name, t in tensors.items())
+        raise ValueError(f'{what}: inconsistent inputs: {shapes}')
+
+
 def _check(codes, what):
     if any(codes):
         raise IndexError(f'{what}: a query index is outside the latent table')
@@ -214,9 +221,11 @@ def first_layer(table, index, extra, weight, relu):
     lib = library()
     if lib is None:
         return None
-    table, index = table.contiguous(), index.contiguous()
+    table, index, extra = table.contiguous(), index.contiguous(), extra.float().contiguous()
     weight_t = weight.detach().t().float().contiguous()
     (n, d), (m, e) = table.shape, extra.shape
+    _check_shapes('first_layer', weight_t.shape == (e, d) and index.shape == (m, ) and index.dtype == torch.int64,
+                  table=table, index=index, extra=extra, weight=weight)
     out = torch.empty(m, d)
 
     def run(a, b):
@@ -273,10 +282,15 @@ class BasisKernel:
         lib = library(self.defines)
         if lib is None:
             return None
-        table, index = table.contiguous(), index.contiguous()
+        table, index, extra = table.contiguous(), index.contiguous(), extra.float().contiguous()
         coeff = coeff.float().contiguous()
         weight_t = first_weight.detach().t().float().contiguous()
         n, m = table.shape[0], extra.shape[0]
+        k, width, e = self.num_basis, dict(self.defines)['BASIS_H0'], dict(self.defines)['BASIS_E']
+        _check_shapes('basis_decode', table.shape[1] == k * width and weight_t.shape == (e, k * width)
+                      and extra.shape == (m, e) and coeff.shape == (m, k) and index.shape == (m, )
+                      and index.dtype == torch.int64, table=table, index=index, extra=extra,
+                      first_weight=first_weight, coeff=coeff)
         out = torch.empty(m, self.out_channels)
 
         def run(a, b):
