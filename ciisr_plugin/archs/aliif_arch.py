@@ -199,14 +199,15 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         # CPU inference: the expansion net's first layer fused (see MLPDecoder), and the bases
         # from their row table to the output in one kernel (nothing (M, K * 16) is written)
         expansion_rows, basis_rows = rows
-        if fused_cpu.applies(expansion_rows, basis_rows, rel_coord) and self._basis_kernel().available():
+        kernel = self._basis_kernel() if fused_cpu.applies(expansion_rows, basis_rows, rel_coord) else None
+        if kernel is not None and kernel.available():
             extra = fused_cpu.query_inputs(rel_coord, rel_cell)
             x, rest = first_layer_fused(self.expansion.layers, expansion_rows, index, extra,
                                         self.encoder.out_channels, self.feat_unfold)
             if x is not None:
                 coeff = normalise_coefficients(run_mlp(rest, x), self.coeff_norm)
-                return self._basis_kernel()(basis_rows, index, extra,
-                                            self.basis.stacked_weight(0)[:, self.decoder_in_channels:], coeff)
+                return kernel(basis_rows, index, extra, self.basis.stacked_weight(0)[:, self.decoder_in_channels:],
+                              coeff)
         return super().decode_indexed(rows, index, rel_coord, rel_cell)
 
     def _basis_kernel(self):
