@@ -208,3 +208,16 @@ def test_aliif_without_its_basis_kernel_decodes_on_torch(monkeypatch):
     assert calls == {'first': 0, 'basis': 0}
     fused_cpu.set_enabled(False)
     torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)
+
+
+def test_an_unwritable_cache_falls_back_to_the_temp_dir(monkeypatch, tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a directory')
+    monkeypatch.setenv('CIISR_KERNEL_CACHE', str(blocker / 'kernels'))  # makedirs fails under a file
+    monkeypatch.setattr(fused_cpu.tempfile, 'gettempdir', lambda: str(tmp_path))
+    if not HAS_COMPILER:
+        with pytest.raises(fused_cpu.KernelError, match='no C compiler'):
+            fused_cpu._compile(())
+        return
+    path = fused_cpu._compile(())
+    assert path.startswith(str(tmp_path / 'ciisr-kernels-')) and fused_cpu._load(path) is not None

@@ -108,7 +108,8 @@ def _compile(defines):
     try:
         os.makedirs(root, exist_ok=True)
     except OSError:
-        root = os.path.join(tempfile.gettempdir(), f'ciisr-kernels-{os.getuid()}')
+        user = os.getuid() if hasattr(os, 'getuid') else os.environ.get('USERNAME', 'user')  # no getuid on Windows
+        root = os.path.join(tempfile.gettempdir(), f'ciisr-kernels-{user}')
         os.makedirs(root, exist_ok=True)
     path = os.path.join(root, f'fused_cpu_{key}.so')
     if os.path.exists(path):
