@@ -25,7 +25,7 @@ from . import fused_cpu
 from .cpu_linear import run_mlp
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, decode_lookup, grid_to_rows, latent_conv,
                              split_first_linear)
-from .liif_arch import MLPDecoder, first_layer_fused
+from .liif_arch import MLPDecoder
 
 COEFF_NORMS = ('l2', 'softmax', 'sum')
 # ALIIF -> (parameter versions, fused_cpu.BasisKernel): outside the module, so that pickling or
@@ -192,8 +192,11 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         latent = self.decoder_in_channels  # the first layers' columns for coord / cell follow these
         x = add_query_part(expansion_rows, rel_coord, rel_cell, self.expansion.layers[0].weight[:, latent:])
         coeff = normalise_coefficients(run_mlp(self.expansion.layers[1:], x), self.coeff_norm)
-        first = add_query_part(basis_rows, rel_coord, rel_cell, self.basis.stacked_weight(0)[:, latent:])
-        return self.basis(first, coeff)
+        return self.basis(add_query_part(basis_rows, rel_coord, rel_cell, self._basis_query_weight()), coeff)
+
+    def _basis_query_weight(self):
+        """The coord / cell columns of every basis's first layer, (K * hidden0, 2 or 4)."""
+        return self.basis.stacked_weight(0)[:, self.decoder_in_channels:]
 
     def decode_indexed(self, rows, index, rel_coord, rel_cell):
         # CPU inference: the expansion net's first layer fused (see MLPDecoder), and the bases
@@ -202,12 +205,10 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         kernel = self._basis_kernel() if fused_cpu.applies(expansion_rows, basis_rows, rel_coord) else None
         if kernel is not None and kernel.available():
             extra = fused_cpu.query_inputs(rel_coord, rel_cell)
-            x, rest = first_layer_fused(self.expansion.layers, expansion_rows, index, extra,
-                                        self.encoder.out_channels, self.feat_unfold)
-            if x is not None:
-                coeff = normalise_coefficients(run_mlp(rest, x), self.coeff_norm)
-                return kernel(basis_rows, index, extra, self.basis.stacked_weight(0)[:, self.decoder_in_channels:],
-                              coeff)
+            logits = self.expansion.decode_fused(expansion_rows, index, extra)
+            if logits is not None:
+                coeff = normalise_coefficients(logits, self.coeff_norm)
+                return kernel(basis_rows, index, extra, self._basis_query_weight(), coeff)
         return super().decode_indexed(rows, index, rel_coord, rel_cell)
 
     def _basis_kernel(self):

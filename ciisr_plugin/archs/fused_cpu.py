@@ -259,7 +259,8 @@ class BasisKernel:
         self.defines = (('BASIS_K', num_basis), ('BASIS_E', extra_channels), ('BASIS_H0', first_width),
                         ('BASIS_OUT', dims[-1]), ('BASIS_STRIDE', max(_padded(d) for d in dims)),
                         ('BASIS_LAYERS(nr)', ' '.join(calls)), ('BASIS_RESULT', buffers[len(layers) % 2]))
-        self.num_basis, self.out_channels = num_basis, dims[-1]
+        self.num_basis, self.first_width, self.extra_channels, self.out_channels = (num_basis, first_width,
+                                                                                    extra_channels, dims[-1])
         self.weights, self.biases = [], []
         for (weight, bias), nv in zip(layers, vectors):
             k, d_out, d_in = weight.shape
@@ -287,7 +288,7 @@ class BasisKernel:
         coeff = coeff.float().contiguous()
         weight_t = first_weight.detach().t().float().contiguous()
         n, m = table.shape[0], extra.shape[0]
-        k, width, e = self.num_basis, dict(self.defines)['BASIS_H0'], dict(self.defines)['BASIS_E']
+        k, width, e = self.num_basis, self.first_width, self.extra_channels
         _check_shapes('basis_decode', table.shape[1] == k * width and weight_t.shape == (e, k * width)
                       and extra.shape == (m, e) and coeff.shape == (m, k) and index.shape == (m, )
                       and index.dtype == torch.int64, table=table, index=index, extra=extra,

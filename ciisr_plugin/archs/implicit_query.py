@@ -269,11 +269,6 @@ def take_rows(rows, index):
     return rows.index_select(0, index)
 
 
-def gather_rows(rows, lookup, grid_hw):
-    """Latent rows of every (shift, batch, query) of ``lookup``: (S*B*N, D), or a tuple."""
-    return take_rows(rows, flat_index(lookup, grid_hw))
-
-
 def decode_lookup(decoder, rows, lookup, grid_hw, cell_decode=True):
     """Run ``decoder`` on every shift of ``lookup`` as one batch and blend: (B, N, out)."""
     s, b, n = lookup.index.shape

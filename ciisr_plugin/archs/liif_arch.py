@@ -39,24 +39,21 @@ class MLPDecoder(ImplicitDecoder):
         return run_mlp(self.layers[1:], add_query_part(rows, rel_coord, rel_cell, extra_weight))
 
     def decode_indexed(self, rows, index, rel_coord, rel_cell):
-        # CPU inference: the first layer (gather, query part, ReLU) in one fused pass
         if fused_cpu.applies(rows, rel_coord):
-            x, rest = first_layer_fused(self.layers, rows, index, fused_cpu.query_inputs(rel_coord, rel_cell),
-                                        self.latent_channels, self.unfold)
-            if x is not None:
-                return run_mlp(rest, x)
+            out = self.decode_fused(rows, index, fused_cpu.query_inputs(rel_coord, rel_cell))
+            if out is not None:
+                return out
         return super().decode_indexed(rows, index, rel_coord, rel_cell)
 
-
-def first_layer_fused(layers, rows, index, extra, latent_channels, unfold):
-    """The first Linear of ``layers`` (and its ReLU) on the table ``rows`` read at ``index``
-    by the fused kernel: ``(activation, remaining layers)``, or ``(None, None)`` where the
-    kernel is not available."""
-    first, rest = layers[0], list(layers[1:])
-    relu = bool(rest) and isinstance(rest[0], nn.ReLU)
-    _, extra_weight = split_first_linear(first.weight, latent_channels, unfold)
-    x = fused_cpu.first_layer(rows, index, extra, extra_weight, relu)
-    return (None, None) if x is None else (x, rest[1:] if relu else rest)
+    def decode_fused(self, rows, index, extra):
+        """CPU inference: :meth:`decode_indexed` with the first layer (gather, query part, ReLU)
+        in one fused pass; ``extra`` = :func:`fused_cpu.query_inputs`. None where the kernel
+        is not available."""
+        rest = list(self.layers[1:])
+        relu = bool(rest) and isinstance(rest[0], nn.ReLU)
+        _, extra_weight = split_first_linear(self.layers[0].weight, self.latent_channels, self.unfold)
+        x = fused_cpu.first_layer(rows, index, extra, extra_weight, relu)
+        return None if x is None else run_mlp(rest[1:] if relu else rest, x)
 
 
 @ARCH_REGISTRY.register()
