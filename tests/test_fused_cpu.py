@@ -210,6 +210,24 @@ def test_aliif_without_its_basis_kernel_decodes_on_torch(monkeypatch):
     torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason='needs a C compiler (without one, see the no-compiler test)')
+def test_a_basis_build_that_fails_its_check_is_not_used(monkeypatch, caplog):
+    # stands in for a miscompiled build: the check on load must catch it and the decode fall back
+    monkeypatch.setattr(fused_cpu, '_LIBRARIES', {})
+    monkeypatch.setattr(fused_cpu, '_WARNED', False)
+    reference = fused_cpu.BasisKernel.reference
+    monkeypatch.setattr(fused_cpu.BasisKernel, 'reference', lambda self, *args: reference(self, *args) + 1e-3)
+    net = _net('aliif')
+    lq = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    calls = _spy(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger='ciisr'):
+        out = upscale_tiled(net, lq, (20, 20))
+    assert 'basis kernel disagrees with torch' in caplog.text
+    assert calls['basis'] == 0 and fused_cpu.library() is not None  # the first-layer build is unaffected
+    fused_cpu.set_enabled(False)
+    torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)
+
+
 def test_an_unwritable_cache_falls_back_to_the_temp_dir(monkeypatch, tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('not a directory')

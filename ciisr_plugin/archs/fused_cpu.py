@@ -155,8 +155,10 @@ def _self_check(lib):
         raise KernelError('the compiled kernel disagrees with torch on a test case')
 
 
-def library(defines=()):
-    """The compiled kernels for ``defines`` (a tuple of (name, value)), or None if unavailable."""
+def library(defines=(), check=None):
+    """The compiled kernels for ``defines`` (a tuple of (name, value)), or None if unavailable.
+    ``check(lib)`` (raising :class:`KernelError`) vets the kernels these defines configure,
+    once, when they are built; the first-layer kernel is always checked."""
     global _WARNED
     defines = tuple(defines)
     lib = _LIBRARIES.get(defines, False)
@@ -171,6 +173,8 @@ def library(defines=()):
                 except (OSError, AttributeError) as exc:
                     raise KernelError(f'cannot load {path} ({exc}); delete it to rebuild') from exc
                 _self_check(lib)
+                if check is not None:
+                    check(lib)
             except (KernelError, OSError) as exc:
                 lib = None
                 if not _WARNED:
@@ -259,8 +263,8 @@ class BasisKernel:
         self.defines = (('BASIS_K', num_basis), ('BASIS_E', extra_channels), ('BASIS_H0', first_width),
                         ('BASIS_OUT', dims[-1]), ('BASIS_STRIDE', max(_padded(d) for d in dims)),
                         ('BASIS_LAYERS(nr)', ' '.join(calls)), ('BASIS_RESULT', buffers[len(layers) % 2]))
-        self.num_basis, self.first_width, self.extra_channels, self.out_channels = (num_basis, first_width,
-                                                                                    extra_channels, dims[-1])
+        self.num_basis, self.first_width, self.extra_channels, self.dims = num_basis, first_width, extra_channels, dims
+        self.out_channels = dims[-1]
         self.weights, self.biases = [], []
         for (weight, bias), nv in zip(layers, vectors):
             k, d_out, d_in = weight.shape
@@ -274,16 +278,48 @@ class BasisKernel:
         self._bias_ptrs = (ctypes.c_void_p * len(layers))(*[b.data_ptr() for b in self.biases])
 
     def available(self):
-        """Whether this kernel compiled (it is compiled on the first call of this)."""
-        return library(self.defines) is not None
+        """Whether this kernel compiled and passed its check (both happen on the first call)."""
+        return self._library() is not None
+
+    def _library(self):
+        return library(self.defines, check=self._self_check)
+
+    def _self_check(self, lib):
+        """This build against :meth:`reference` on random bases of the same sizes, over a full
+        block of rows and a remainder (the kernel's two code paths)."""
+        gen = torch.Generator().manual_seed(0)
+        k, width, e = self.num_basis, self.first_width, self.extra_channels
+        layers = [(torch.randn(k, d_out, d_in, generator=gen) / d_in**0.5, torch.randn(k, d_out, generator=gen))
+                  for d_in, d_out in zip(self.dims[:-1], self.dims[1:])]
+        probe = BasisKernel(k, width, layers, e)
+        rows = 2 * 16 + 3
+        table, extra = torch.randn(5, k * width, generator=gen), torch.randn(rows, e, generator=gen)
+        first_weight, coeff = torch.randn(k * width, e, generator=gen), torch.randn(rows, k, generator=gen)
+        coeff = coeff / coeff.norm(dim=1, keepdim=True)  # as A-LIIF mixes: values stay O(1)
+        index = torch.randint(0, 5, (rows, ), generator=gen)
+        out = probe._launch(lib, table, index, extra, first_weight, coeff)
+        expected = probe.reference(table, index, extra, first_weight, coeff, layers)
+        if out is None or not torch.allclose(out, expected, rtol=1e-5, atol=1e-5):
+            raise KernelError('the compiled basis kernel disagrees with torch on a test case')
+
+    def reference(self, table, index, extra, first_weight, coeff, layers):
+        """What the kernel computes, in plain torch (``layers`` as given to the constructor)."""
+        k, width = self.num_basis, self.first_width
+        pre = (table[index] + extra @ first_weight.t()).view(-1, k, width)
+        h = (coeff.unsqueeze(-1) * pre).sum(1).relu()
+        for i, (weight, bias) in enumerate(layers):
+            h = torch.einsum('mk,kod,md->mo', coeff, weight, h) + coeff @ bias
+            h = h.relu() if i < len(layers) - 1 else h
+        return h
 
     def __call__(self, table, index, extra, first_weight, coeff):
         """(M, out): the bases decoded from their first-layer latent parts ``table`` (N, K * H0)
         read at ``index``, query inputs ``extra`` (M, E) through ``first_weight`` (K * H0, E),
         mixed by ``coeff`` (M, K); None where the kernels are not available."""
-        lib = library(self.defines)
-        if lib is None:
-            return None
+        lib = self._library()
+        return None if lib is None else self._launch(lib, table, index, extra, first_weight, coeff)
+
+    def _launch(self, lib, table, index, extra, first_weight, coeff):
         table, index, extra = table.contiguous(), index.contiguous(), extra.float().contiguous()
         coeff = coeff.float().contiguous()
         weight_t = first_weight.detach().t().float().contiguous()
