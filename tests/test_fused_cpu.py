@@ -19,18 +19,18 @@ def enabled(monkeypatch):
 
 def _spy(monkeypatch):
     """Count the fused kernels' calls (that they ran, not just that the output matches)."""
-    calls = {'first': 0, 'basis': 0}
-    first, basis = fused_cpu.first_layer, fused_cpu.BasisKernel.__call__
+    calls = {'mlp': 0, 'basis': 0}
+    mlp, basis = fused_cpu.MLPKernel.__call__, fused_cpu.BasisKernel.__call__
 
-    def first_spy(*args, **kwargs):
-        calls['first'] += 1
-        return first(*args, **kwargs)
+    def mlp_spy(*args, **kwargs):
+        calls['mlp'] += 1
+        return mlp(*args, **kwargs)
 
     def basis_spy(*args, **kwargs):
         calls['basis'] += 1
         return basis(*args, **kwargs)
 
-    monkeypatch.setattr(fused_cpu, 'first_layer', first_spy)
+    monkeypatch.setattr(fused_cpu.MLPKernel, '__call__', mlp_spy)
     monkeypatch.setattr(fused_cpu.BasisKernel, '__call__', basis_spy)
     return calls
 
@@ -46,48 +46,81 @@ def test_the_kernels_build_wherever_there_is_a_compiler(caplog):
         assert lib is None and 'no C compiler found' in caplog.text
 
 
-@pytest.mark.parametrize('relu', [True, False])
-@pytest.mark.parametrize('d, e', [(256, 4), (37, 2), (16, 3)])
-def test_first_layer_matches_torch(d, e, relu):
-    gen = torch.Generator().manual_seed(d + e)
-    table, extra, weight = torch.randn(50, d, generator=gen), torch.randn(333, e, generator=gen), torch.randn(
-        d, e, generator=gen)
-    index = torch.randint(0, 50, (333, ), generator=gen)
-    ref = table[index] + extra @ weight.t()
-    ref = ref.relu() if relu else ref
+def _mlp_case(widths, e, rows, seed, relus=None):
+    """A random MLP (first-layer width ``widths[0]``, then ``widths[1:]``) and its inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    relus = relus or [True] * (len(widths) - 2) + [False]
+    layers = [(torch.randn(d_out, d_in, generator=gen) / d_in**0.5, torch.randn(d_out, generator=gen), relu)
+              for d_in, d_out, relu in zip(widths[:-1], widths[1:], relus)]
+    table, extra = torch.randn(50, widths[0], generator=gen), torch.randn(rows, e, generator=gen)
+    first_weight, index = torch.randn(widths[0], e, generator=gen), torch.randint(0, 50, (rows, ), generator=gen)
+    return layers, (table, index, extra, first_weight)
+
+
+def _mlp_expected(layers, table, index, extra, first_weight, first_relu):
+    h = table[index] + extra @ first_weight.t()
+    h = h.relu() if first_relu else h
+    for weight, bias, relu in layers:
+        h = h @ weight.t() + bias
+        h = h.relu() if relu else h
+    return h
+
+
+@pytest.mark.parametrize('first_relu', [True, False])
+@pytest.mark.parametrize('widths, e', [
+    ((256, 256, 256, 256, 3), 4),  # LIIF's decoder: the 256-wide code path
+    ((256, 256, 10), 4),  # an expansion net's head (K = 10)
+    ((37, 20, 33, 5), 2),  # odd widths: 32- and 16-wide panels, padding
+    ((16, ), 3),  # no layer after the first
+    ((48, 64, 3), 3),
+])
+def test_mlp_kernel_matches_torch(widths, e, first_relu):
+    layers, inputs = _mlp_case(widths, e, 333, seed=len(widths) + e)
     with torch.no_grad():
-        out = fused_cpu.first_layer(table, index, extra, weight, relu)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+        out = fused_cpu.MLPKernel(layers)(*inputs, first_relu)
+    torch.testing.assert_close(out, _mlp_expected(layers, *inputs, first_relu), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_kernel_relus_follow_the_layers():
+    layers, inputs = _mlp_case((24, 40, 40, 6), 4, 50, seed=9, relus=[False, True, True])  # ReLU on the output
+    with torch.no_grad():
+        out = fused_cpu.MLPKernel(layers)(*inputs, True)
+    expected = _mlp_expected(layers, *inputs, True)
+    assert (expected == 0).any() and (expected > 0).any()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rows_split_across_threads_match(monkeypatch):
     monkeypatch.setattr(fused_cpu, '_ROWS_PER_THREAD', 64)
-    gen = torch.Generator().manual_seed(3)
-    table, extra, weight = torch.randn(40, 64, generator=gen), torch.randn(1001, 4, generator=gen), torch.randn(
-        64, 4, generator=gen)
-    index = torch.randint(0, 40, (1001, ), generator=gen)
+    layers, inputs = _mlp_case((64, 32, 3), 4, 1001, seed=3)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with torch.no_grad():
-            out = fused_cpu.first_layer(table, index, extra, weight, True)
+            out = fused_cpu.MLPKernel(layers)(*inputs, True)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(out, (table[index] + extra @ weight.t()).relu(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out, _mlp_expected(layers, *inputs, True), rtol=1e-5, atol=1e-5)
 
 
 def test_an_index_outside_the_table_raises_instead_of_reading_memory():
-    table, extra, weight = torch.randn(10, 32), torch.randn(5, 4), torch.randn(32, 4)
-    for bad in (10, -1):
+    layers, (table, _, extra, first_weight) = _mlp_case((32, 16, 3), 4, 5, seed=4)
+    kernel = fused_cpu.MLPKernel(layers)
+    for bad in (50, -1):
         index = torch.tensor([0, 3, bad, 1, 2])
         with torch.no_grad(), pytest.raises(IndexError, match='outside the latent table'):
-            fused_cpu.first_layer(table, index, extra, weight, True)
+            kernel(table, index, extra, first_weight, True)
 
 
 def test_inconsistent_shapes_are_an_error_not_a_read_past_the_tensor():
-    table, index, weight = torch.randn(10, 32), torch.tensor([0, 1, 2]), torch.randn(32, 4)
-    with torch.no_grad(), pytest.raises(ValueError, match='inconsistent inputs'):
-        fused_cpu.first_layer(table, index, torch.randn(3, 2), weight, True)  # 2 query inputs, weight has 4
+    layers, (table, _, _, first_weight) = _mlp_case((32, 16, 3), 4, 3, seed=5)
+    index = torch.tensor([0, 1, 2])
+    kernel = fused_cpu.MLPKernel(layers)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match='inconsistent inputs'):
+            kernel(table, index, torch.randn(3, 2), first_weight, True)  # 2 query inputs, weight has 4
+        with pytest.raises(ValueError, match='inconsistent inputs'):
+            kernel(torch.randn(10, 40), index, torch.randn(3, 4), torch.randn(40, 4), True)  # table wider than layer 1
     net = _net('aliif')
     kernel = net._basis_kernel()
     first_weight = net.basis.stacked_weight(0)[:, net.decoder_in_channels:]
@@ -139,7 +172,7 @@ def test_fused_inference_matches_the_torch_path(name, monkeypatch):
     lq = torch.rand(2, 3, 13, 17, generator=torch.Generator().manual_seed(1))
     calls = _spy(monkeypatch)
     fused = upscale_tiled(net, lq, (29, 41), chunk_size=100)
-    assert calls['first'] > 0 and (calls['basis'] > 0) == name.startswith('aliif')
+    assert calls['mlp'] > 0 and (calls['basis'] > 0) == name.startswith('aliif')
     fused_cpu.set_enabled(False)
     plain = upscale_tiled(net, lq, (29, 41), chunk_size=100)
     assert plain.std() > 0.02  # a real comparison, not of two near-constant images
@@ -205,7 +238,7 @@ def test_aliif_without_its_basis_kernel_decodes_on_torch(monkeypatch):
     calls = _spy(monkeypatch)
     monkeypatch.setattr(fused_cpu.BasisKernel, 'available', lambda self: False)
     out = upscale_tiled(net, lq, (20, 20))
-    assert calls == {'first': 0, 'basis': 0}
+    assert calls == {'mlp': 0, 'basis': 0}
     fused_cpu.set_enabled(False)
     torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)
 
@@ -223,7 +256,7 @@ def test_a_basis_build_that_fails_its_check_is_not_used(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger='ciisr'):
         out = upscale_tiled(net, lq, (20, 20))
     assert 'basis kernel disagrees with torch' in caplog.text
-    assert calls['basis'] == 0 and fused_cpu.library() is not None  # the first-layer build is unaffected
+    assert calls['basis'] == 0 and fused_cpu.library() is not None  # the MLP kernel's build is unaffected
     fused_cpu.set_enabled(False)
     torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)
 

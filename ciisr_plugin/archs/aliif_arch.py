@@ -14,7 +14,6 @@ float rounding, without the per-query matrices. CPU inference runs the bases, fr
 row table to the output, in one fused kernel (:mod:`fused_cpu`).
 """
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -28,9 +27,6 @@ from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, dec
 from .liif_arch import MLPDecoder
 
 COEFF_NORMS = ('l2', 'softmax', 'sum')
-# ALIIF -> (parameter versions, fused_cpu.BasisKernel): outside the module, so that pickling or
-# deep-copying a net never meets the kernel's ctypes pointers
-_BASIS_KERNELS = weakref.WeakKeyDictionary()
 
 
 def normalise_coefficients(logits, mode):
@@ -199,8 +195,8 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         return self.basis.stacked_weight(0)[:, self.decoder_in_channels:]
 
     def decode_indexed(self, rows, index, rel_coord, rel_cell):
-        # CPU inference: the expansion net's first layer fused (see MLPDecoder), and the bases
-        # from their row table to the output in one kernel (nothing (M, K * 16) is written)
+        # CPU inference: the expansion net (see MLPDecoder) and the bases each run from their row
+        # table to their output in one fused kernel; no (M, 256) or (M, K * 16) activation is written
         expansion_rows, basis_rows = rows
         kernel = self._basis_kernel() if fused_cpu.applies(expansion_rows, basis_rows, rel_coord) else None
         if kernel is not None and kernel.available():
@@ -212,19 +208,17 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         return super().decode_indexed(rows, index, rel_coord, rel_cell)
 
     def _basis_kernel(self):
-        """The bases' later layers packed for :class:`fused_cpu.BasisKernel`, rebuilt whenever a
-        parameter changes (in place, as an optimiser step does, or replaced)."""
-        params = [getattr(self.basis, f'{kind}{i}') for i in range(1, self.basis.num_layers)
-                  for kind in ('weight', 'bias')]
-        key = tuple((p.data_ptr(), p._version) for p in params) + (self.decoder_extra_channels, )
-        cached = _BASIS_KERNELS.get(self)
-        if cached is None or cached[0] != key:
-            basis = self.basis
+        """The bases' later layers packed for :class:`fused_cpu.BasisKernel` (rebuilt whenever a
+        parameter changes)."""
+        basis, extra = self.basis, self.decoder_extra_channels
+        params = [getattr(basis, f'{kind}{i}') for i in range(1, basis.num_layers) for kind in ('weight', 'bias')]
+
+        def build():
             layers = [(getattr(basis, f'weight{i}').view(basis.num_basis, basis.dims[i + 1], basis.dims[i]),
                        getattr(basis, f'bias{i}')) for i in range(1, basis.num_layers)]
-            cached = key, fused_cpu.BasisKernel(basis.num_basis, basis.dims[1], layers, self.decoder_extra_channels)
-            _BASIS_KERNELS[self] = cached
-        return cached[1]
+            return fused_cpu.BasisKernel(basis.num_basis, basis.dims[1], layers, extra)
+
+        return fused_cpu.cached_kernel(self, f'basis-{extra}', params, build)
 
     # -- ImplicitSRNet -----------------------------------------------------------------------
     def prepare(self, feat):

@@ -1,16 +1,21 @@
 """Fused CPU kernels for the decoders' inference, compiled for this machine at first use.
 
-Between the big matrix products, an implicit decoder makes several passes over (M, D)
-activations that plain torch ops cannot fuse: gathering the latent rows, adding the
-query's coordinate part, the ReLU; and A-LIIF's ten 16-wide basis MLPs, which are tiny
-products on wide outer products (memory-bound in torch, measured ~1 s of a 128 -> x4
-upscale on 2 cores). ``fused_cpu.c`` does each of those in one pass, reading the latent
-table through the query index itself.
+Between and around its big matrix products, an implicit decoder in torch makes passes over
+(M, width) activations that plain ops cannot fuse: gathering the latent rows, adding the
+query's coordinate part, a ReLU, and writing every layer's output to memory and reading it
+back; A-LIIF's ten 16-wide basis MLPs are tiny products on wide outer products
+(memory-bound in torch, measured ~1 s of a 128 -> x4 upscale on 2 cores). ``fused_cpu.c``
+runs each decoder from the latent row table to its output in one kernel, a block of rows
+at a time, with the activations in L1:
+
+* :class:`MLPKernel` - an MLP whose first layer's latent part was precomputed on the LR
+  grid (LIIF, both LIIF-GAN decoders, A-LIIF's expansion net);
+* :class:`BasisKernel` - A-LIIF's bases, mixed per query.
 
 The C source is compiled with the system C compiler (``$CC``, else ``cc``) for this CPU
 (``-march=native``) and cached under ``$CIISR_KERNEL_CACHE`` (default
 ``~/.cache/ciisr/kernels``), keyed by source, options, compiler and CPU. Each library is
-checked against torch on a small case before use. Where no compiler works, a warning
+checked against torch on small cases before use. Where no compiler works, a warning
 says so once and the decoders run their plain torch path - the same numbers (to float
 rounding, ~1e-7 relative), slower.
 
@@ -29,8 +34,10 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 from .cpu_linear import exporting
 
@@ -44,7 +51,9 @@ _LOCK = threading.Lock()
 _WARNED = False
 # rows below which splitting one call across threads costs more than it saves
 _ROWS_PER_THREAD = 4096
+_MLP_ROWS = 14  # rows per block of ciisr_mlp_decode (MLP_ROWS in fused_cpu.c)
 _POOL = None
+_KERNELS = weakref.WeakKeyDictionary()  # module -> {name: (parameter versions, packed kernel)}
 
 
 class KernelError(RuntimeError):
@@ -132,8 +141,9 @@ def _compile(defines):
 def _load(path):
     lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.ciisr_first_layer.argtypes = [i64, i64, i64, ctypes.c_int, ptr, i64, ptr, ptr, ptr, ptr]
-    lib.ciisr_first_layer.restype = ctypes.c_int
+    lib.ciisr_mlp_decode.argtypes = [i64, i64, ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
+                                     ptr]
+    lib.ciisr_mlp_decode.restype = ctypes.c_int
     if hasattr(lib, 'ciisr_basis_decode'):
         lib.ciisr_basis_decode.argtypes = [i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         lib.ciisr_basis_decode.restype = ctypes.c_int
@@ -141,18 +151,22 @@ def _load(path):
 
 
 def _self_check(lib):
-    """The first-layer kernel agrees with torch on a small random case (a wrong build, ABI or
-    compiler bug shows here rather than in an image)."""
+    """The MLP kernel agrees with torch on small random cases, both of its code paths (the
+    papers' 256-wide layers; odd widths, in 32- and 16-wide panels), over a full block of
+    rows and a remainder: a wrong build, ABI or compiler bug shows here, not in an image."""
     gen = torch.Generator().manual_seed(0)
-    table, extra, weight = (torch.randn(*s, generator=gen) for s in ((7, 37), (11, 3), (37, 3)))
-    index = torch.randint(0, 7, (11, ), generator=gen)
-    out = torch.empty(11, 37)
-    weight_t = weight.t().contiguous()
-    code = lib.ciisr_first_layer(11, 37, 3, 1, table.data_ptr(), 7, index.data_ptr(), extra.data_ptr(),
-                                 weight_t.data_ptr(), out.data_ptr())
-    expected = (table[index] + extra @ weight.t()).relu()
-    if code != 0 or not torch.allclose(out, expected, atol=1e-5):
-        raise KernelError('the compiled kernel disagrees with torch on a test case')
+    for widths in ((256, 256, 3), (37, 20, 33, 5)):
+        layers = [(torch.randn(d_out, d_in, generator=gen) / d_in**0.5, torch.randn(d_out, generator=gen), True)
+                  for d_in, d_out in zip(widths[:-1], widths[1:])]
+        layers[-1] = layers[-1][:2] + (False, )
+        kernel = MLPKernel(layers)
+        rows, e = 2 * _MLP_ROWS + 3, 4
+        table, extra = torch.randn(5, widths[0], generator=gen), torch.randn(rows, e, generator=gen)
+        first_weight, index = torch.randn(widths[0], e, generator=gen), torch.randint(0, 5, (rows, ), generator=gen)
+        out = kernel.launch(lib, table, index, extra, first_weight, True)
+        expected = kernel.reference(table, index, extra, first_weight, True)
+        if not torch.allclose(out, expected, rtol=1e-5, atol=1e-5):
+            raise KernelError('the compiled MLP kernel disagrees with torch on a test case')
 
 
 def library(defines=(), check=None):
@@ -210,6 +224,8 @@ def _check_shapes(what, ok, **tensors):
 
 
 def _check(codes, what):
+    if 2 in codes:
+        raise MemoryError(f'{what}: cannot allocate the activation buffers')
     if any(codes):
         raise IndexError(f'{what}: a query index is outside the latent table')
 
@@ -220,29 +236,97 @@ def query_inputs(rel_coord, rel_cell):
     return extra.float().contiguous()
 
 
-def first_layer(table, index, extra, weight, relu):
-    """``relu?(table[index] + extra @ weight.T)``: (M, D), or None where the kernels are not
-    available. ``table`` (N, D), ``index`` (M,) int64, ``extra`` (M, E), ``weight`` (D, E)."""
-    lib = library()
-    if lib is None:
-        return None
-    table, index, extra = table.contiguous(), index.contiguous(), extra.float().contiguous()
-    weight_t = weight.detach().t().float().contiguous()
-    (n, d), (m, e) = table.shape, extra.shape
-    _check_shapes('first_layer', weight_t.shape == (e, d) and index.shape == (m, ) and index.dtype == torch.int64,
-                  table=table, index=index, extra=extra, weight=weight)
-    out = torch.empty(m, d)
+def cached_kernel(owner, name, params, build):
+    """``build()``'s packed kernel for ``owner`` (a module), kept until a tensor of ``params``
+    changes (in place, as an optimiser step does, or replaced). Outside the module, so that
+    pickling or copying it never meets a ctypes pointer."""
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    kernels = _KERNELS.setdefault(owner, {})
+    if name not in kernels or kernels[name][0] != key:
+        kernels[name] = key, build()
+    return kernels[name][1]
 
-    def run(a, b):
-        return lib.ciisr_first_layer(b - a, d, e, int(bool(relu)), table.data_ptr(), n, index[a:].data_ptr(),
-                                     extra[a:].data_ptr(), weight_t.data_ptr(), out[a:].data_ptr())
 
-    _check(_split_rows(m, run), 'first_layer')
-    return out
+def _aligned(t):
+    """``t`` as a contiguous float32 copy whose data starts on a 64-byte boundary (the
+    kernels' aligned vector loads)."""
+    flat = t.detach().float().reshape(-1)
+    buf = torch.empty(flat.numel() + 16)
+    start = (-buf.data_ptr() // 4) % 16
+    out = buf[start:start + flat.numel()]
+    out.copy_(flat)
+    return out.view(t.shape)
 
 
 def _padded(n):
     return -(-n // 16) * 16
+
+
+class MLPKernel:
+    """An MLP's layers after its first, packed for ``ciisr_mlp_decode``.
+
+    ``layers`` is ``[(weight (out, in), bias (out,) or None, relu), ...]`` in order. Each
+    weight is cut into panels of 32 output columns (the last 16 wide when the padded width
+    is an odd number of vectors), each stored ``(in, panel width)``; output columns are
+    zero-padded to whole 16-float vectors.
+    """
+
+    def __init__(self, layers):
+        self.layers = [(w.detach(), None if b is None else b.detach(), bool(relu)) for w, b, relu in layers]
+        self.widths = [layers[0][0].shape[1]] + [w.shape[0] for w, _, _ in layers] if layers else None
+        self.weights, self.biases = [], []
+        for weight, bias, _ in self.layers:
+            d_out, d_in = weight.shape
+            padded = weight.new_zeros(_padded(d_out), d_in)
+            padded[:d_out] = weight
+            self.weights.append(_aligned(torch.cat([padded[c:c + 32].t().reshape(-1)
+                                                    for c in range(0, padded.shape[0], 32)])))
+            padded_bias = weight.new_zeros(_padded(d_out))
+            if bias is not None:
+                padded_bias[:d_out] = bias
+            self.biases.append(_aligned(padded_bias))
+        count = max(1, len(self.layers))
+        self._weight_ptrs = (ctypes.c_void_p * count)(*[w.data_ptr() for w in self.weights])
+        self._bias_ptrs = (ctypes.c_void_p * count)(*[b.data_ptr() for b in self.biases])
+        self._relus = (ctypes.c_int * count)(*[int(relu) for _, _, relu in self.layers])
+
+    def reference(self, table, index, extra, first_weight, first_relu):
+        """What the kernel computes, in plain torch."""
+        h = table[index] + extra @ first_weight.t()
+        h = h.relu() if first_relu else h
+        for weight, bias, relu in self.layers:
+            h = F.linear(h, weight, bias)
+            h = h.relu() if relu else h
+        return h
+
+    def __call__(self, table, index, extra, first_weight, first_relu):
+        """(M, out): the MLP on ``table[index] + extra @ first_weight.T`` (ReLU'd if
+        ``first_relu``), ``table`` (N, D) the first layer's latent part, ``index`` (M,) int64,
+        ``extra`` (M, E) the query inputs, ``first_weight`` (D, E) their columns of the first
+        layer; None where the kernels are not available."""
+        lib = library()
+        return None if lib is None else self.launch(lib, table, index, extra, first_weight, first_relu)
+
+    def launch(self, lib, table, index, extra, first_weight, first_relu):
+        table, index, extra = table.contiguous(), index.contiguous(), extra.float().contiguous()
+        weight_t = first_weight.detach().t().float().contiguous()
+        (n, d), (m, e) = table.shape, extra.shape
+        widths = self.widths or [d]  # no later layer: the first is the output
+        _check_shapes('mlp_decode', widths[0] == d and weight_t.shape == (e, d) and index.shape == (m, )
+                      and index.dtype == torch.int64 and table.dtype == torch.float32, table=table, index=index,
+                      extra=extra, first_weight=first_weight)
+        widths_t = torch.tensor(widths, dtype=torch.int64)
+        stride = max(_padded(w) for w in widths)  # floats per row of the kernel's activation buffers
+        out = torch.empty(m, widths[-1])
+
+        def run(a, b):
+            return lib.ciisr_mlp_decode(b - a, e, int(bool(first_relu)), table.data_ptr(), n, index[a:].data_ptr(),
+                                        extra[a:].data_ptr(), weight_t.data_ptr(), len(self.layers),
+                                        widths_t.data_ptr(), self._relus, self._weight_ptrs, self._bias_ptrs, stride,
+                                        out[a:].data_ptr())
+
+        _check(_split_rows(m, run), 'mlp_decode')
+        return out
 
 
 class BasisKernel:

@@ -46,14 +46,26 @@ class MLPDecoder(ImplicitDecoder):
         return super().decode_indexed(rows, index, rel_coord, rel_cell)
 
     def decode_fused(self, rows, index, extra):
-        """CPU inference: :meth:`decode_indexed` with the first layer (gather, query part, ReLU)
-        in one fused pass; ``extra`` = :func:`fused_cpu.query_inputs`. None where the kernel
-        is not available."""
-        rest = list(self.layers[1:])
-        relu = bool(rest) and isinstance(rest[0], nn.ReLU)
+        """CPU inference: :meth:`decode_indexed` as one kernel from the row table to the output
+        (:class:`fused_cpu.MLPKernel`); ``extra`` = :func:`fused_cpu.query_inputs`. None where
+        the kernel is not available."""
+        layers = list(self.layers)
+        first_relu = len(layers) > 1 and isinstance(layers[1], nn.ReLU)
+        later = layers[2 if first_relu else 1:]
+        kernel = fused_cpu.cached_kernel(self, 'mlp', list(self.layers[1:].parameters()),
+                                         lambda: fused_cpu.MLPKernel(self._later_layers(later)))
         _, extra_weight = split_first_linear(self.layers[0].weight, self.latent_channels, self.unfold)
-        x = fused_cpu.first_layer(rows, index, extra, extra_weight, relu)
-        return None if x is None else run_mlp(rest[1:] if relu else rest, x)
+        return kernel(rows, index, extra, extra_weight, first_relu)
+
+    @staticmethod
+    def _later_layers(layers):
+        """``[(weight, bias, relu)]`` of a run of Linear (+ ReLU) modules."""
+        out, i = [], 0
+        while i < len(layers):
+            relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
+            out.append((layers[i].weight, layers[i].bias, relu))
+            i += 2 if relu else 1
+        return out
 
 
 @ARCH_REGISTRY.register()
