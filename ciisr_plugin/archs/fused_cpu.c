@@ -47,6 +47,7 @@ static inline __attribute__((always_inline)) void mlp_panel(const int nv, const 
         for (int r = 0; r < MLP_ROWS; r++)
             acc[r][v] = bias;
     }
+#pragma GCC unroll 4 /* measured ~6% faster than no unrolling, 2 cores busy */
     for (int64_t k = 0; k < din; k++) {
         const v16 w0 = *(const v16 *)(w + k * 16 * nv);
         const v16 w1 = nv == 2 ? *(const v16 *)(w + k * 32 + 16) : w0;

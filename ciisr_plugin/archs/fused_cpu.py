@@ -172,7 +172,7 @@ def _self_check(lib):
 def library(defines=(), check=None):
     """The compiled kernels for ``defines`` (a tuple of (name, value)), or None if unavailable.
     ``check(lib)`` (raising :class:`KernelError`) vets the kernels these defines configure,
-    once, when they are built; the first-layer kernel is always checked."""
+    once, when they are built; the MLP kernel is always checked."""
     global _WARNED
     defines = tuple(defines)
     lib = _LIBRARIES.get(defines, False)
