@@ -1,5 +1,7 @@
 """Fused CPU inference kernels (ciisr_plugin.archs.fused_cpu) vs the plain torch decoders."""
 import logging
+import os
+import platform
 import shutil
 
 import pytest
@@ -17,18 +19,24 @@ def enabled(monkeypatch):
     monkeypatch.setattr(fused_cpu, '_ENABLED', True)
 
 
+def _built():
+    return fused_cpu.kernels_built()
+
+
 def _spy(monkeypatch):
-    """Count the fused kernels' calls (that they ran, not just that the output matches)."""
+    """Count the fused kernels' runs (that they ran, not just that the output matches)."""
     calls = {'mlp': 0, 'basis': 0}
     mlp, basis = fused_cpu.MLPKernel.__call__, fused_cpu.BasisKernel.__call__
 
     def mlp_spy(*args, **kwargs):
-        calls['mlp'] += 1
-        return mlp(*args, **kwargs)
+        out = mlp(*args, **kwargs)
+        calls['mlp'] += out is not None
+        return out
 
     def basis_spy(*args, **kwargs):
-        calls['basis'] += 1
-        return basis(*args, **kwargs)
+        out = basis(*args, **kwargs)
+        calls['basis'] += out is not None
+        return out
 
     monkeypatch.setattr(fused_cpu.MLPKernel, '__call__', mlp_spy)
     monkeypatch.setattr(fused_cpu.BasisKernel, '__call__', basis_spy)
@@ -44,6 +52,39 @@ def test_the_kernels_build_wherever_there_is_a_compiler(caplog):
         assert lib is not None, caplog.text
     else:
         assert lib is None and 'no C compiler found' in caplog.text
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason='needs a C compiler')
+def test_each_cpu_gets_the_kernels_measured_faster_there():
+    flags = set()
+    if os.path.exists('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            flags = set(next((line for line in f if line.startswith('flags')), ':').split(':', 1)[1].split())
+    if 'avx512f' in flags:
+        assert _built() == {'mlp', 'basis'}
+    elif {'avx2', 'fma'} <= flags:
+        assert _built() == {'mlp'}
+    elif flags:
+        assert _built() == set()
+
+
+@pytest.mark.skipif(not HAS_COMPILER or platform.machine() not in ('x86_64', 'AMD64'), reason='x86 -march names')
+@pytest.mark.parametrize('march, built', [('haswell', {'mlp'}), ('x86-64-v2', set())])
+def test_builds_for_other_instruction_sets_decode_the_same(march, built, monkeypatch, tmp_path):
+    # what a CPU without AVX-512 (AVX2) or without AVX2 (SSE4) gets, built here for that CPU:
+    # only the kernels measured faster there, the rest on torch, the same numbers
+    net = _net('aliif')
+    lq = torch.rand(1, 3, 9, 8, generator=torch.Generator().manual_seed(10))
+    expected = upscale_tiled(net, lq, (23, 19))
+    monkeypatch.setattr(fused_cpu, '_LIBRARIES', {})
+    monkeypatch.setenv('CIISR_KERNEL_CACHE', str(tmp_path))
+    monkeypatch.setattr(fused_cpu, '_FLAGS', tuple(f'-march={march}' if flag == '-march=native' else flag
+                                                   for flag in fused_cpu._FLAGS))
+    assert _built() == built
+    calls = _spy(monkeypatch)
+    out = upscale_tiled(net, lq, (23, 19))
+    assert calls['basis'] == 0 and (calls['mlp'] > 0) == ('mlp' in built)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
 def _mlp_case(widths, e, rows, seed, relus=None):
@@ -172,7 +213,8 @@ def test_fused_inference_matches_the_torch_path(name, monkeypatch):
     lq = torch.rand(2, 3, 13, 17, generator=torch.Generator().manual_seed(1))
     calls = _spy(monkeypatch)
     fused = upscale_tiled(net, lq, (29, 41), chunk_size=100)
-    assert calls['mlp'] > 0 and (calls['basis'] > 0) == name.startswith('aliif')
+    assert (calls['mlp'] > 0) == ('mlp' in _built())
+    assert (calls['basis'] > 0) == (name.startswith('aliif') and 'basis' in _built())
     fused_cpu.set_enabled(False)
     plain = upscale_tiled(net, lq, (29, 41), chunk_size=100)
     assert plain.std() > 0.02  # a real comparison, not of two near-constant images
@@ -188,7 +230,7 @@ def test_arbitrary_queries_use_the_kernels_too(monkeypatch):
     calls = _spy(monkeypatch)
     with torch.no_grad():
         fused = net(lq, coord, cell)
-    assert calls['basis'] > 0
+    assert (calls['basis'] > 0) == ('basis' in _built())
     plain = net(lq, coord, cell)  # autograd on: the torch path
     torch.testing.assert_close(fused, plain.detach(), rtol=0, atol=1e-5)
 
@@ -231,16 +273,16 @@ def test_a_net_that_ran_the_kernels_still_pickles_and_copies(tmp_path):
         torch.testing.assert_close(upscale_tiled(other, lq, (16, 16)), out, rtol=0, atol=0)
 
 
-def test_aliif_without_its_basis_kernel_decodes_on_torch(monkeypatch):
-    # e.g. the compiler rejects one configuration: the whole decode falls back, once
+def test_aliif_without_its_basis_kernel_decodes_the_bases_on_torch(monkeypatch):
+    # e.g. the compiler rejects one configuration: the bases fall back, the expansion net stays fused
     net = _net('aliif')
     lq = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     calls = _spy(monkeypatch)
     monkeypatch.setattr(fused_cpu.BasisKernel, 'available', lambda self: False)
     out = upscale_tiled(net, lq, (20, 20))
-    assert calls == {'mlp': 0, 'basis': 0}
+    assert (calls['mlp'] > 0) == ('mlp' in _built()) and calls['basis'] == 0
     fused_cpu.set_enabled(False)
-    torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)
+    torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason='needs a C compiler (without one, see the no-compiler test)')
@@ -256,9 +298,9 @@ def test_a_basis_build_that_fails_its_check_is_not_used(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger='ciisr'):
         out = upscale_tiled(net, lq, (20, 20))
     assert 'basis kernel disagrees with torch' in caplog.text
-    assert calls['basis'] == 0 and fused_cpu.library() is not None  # the MLP kernel's build is unaffected
+    assert calls['basis'] == 0 and (calls['mlp'] > 0) == ('mlp' in _built())  # the MLP build is unaffected
     fused_cpu.set_enabled(False)
-    torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=0)
+    torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=1e-5)
 
 
 def test_an_unwritable_cache_falls_back_to_the_temp_dir(monkeypatch, tmp_path):

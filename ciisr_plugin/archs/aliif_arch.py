@@ -23,7 +23,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from . import fused_cpu
 from .cpu_linear import run_mlp
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, decode_lookup, grid_to_rows, latent_conv,
-                             split_first_linear)
+                             split_first_linear, take_rows)
 from .liif_arch import MLPDecoder
 
 COEFF_NORMS = ('l2', 'softmax', 'sum')
@@ -198,13 +198,16 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         # CPU inference: the expansion net (see MLPDecoder) and the bases each run from their row
         # table to their output in one fused kernel; no (M, 256) or (M, K * 16) activation is written
         expansion_rows, basis_rows = rows
-        kernel = self._basis_kernel() if fused_cpu.applies(expansion_rows, basis_rows, rel_coord) else None
-        if kernel is not None and kernel.available():
+        if fused_cpu.applies(expansion_rows, basis_rows, rel_coord):
             extra = fused_cpu.query_inputs(rel_coord, rel_cell)
             logits = self.expansion.decode_fused(expansion_rows, index, extra)
             if logits is not None:
                 coeff = normalise_coefficients(logits, self.coeff_norm)
-                return kernel(basis_rows, index, extra, self._basis_query_weight(), coeff)
+                kernel = self._basis_kernel()
+                if kernel.available():
+                    return kernel(basis_rows, index, extra, self._basis_query_weight(), coeff)
+                first = add_query_part(take_rows(basis_rows, index), rel_coord, rel_cell, self._basis_query_weight())
+                return self.basis(first, coeff)
         return super().decode_indexed(rows, index, rel_coord, rel_cell)
 
     def _basis_kernel(self):

@@ -14,6 +14,7 @@
  *   table of all bases' first-layer latent parts to the output. Every activation stays in
  *   registers or L1; the layer dimensions are compile-time constants (BASIS_* below,
  *   defined by fused_cpu.py), so the loops unroll into straight vector code.
+ * Which of them a build has depends on the instruction set (ciisr_kernels below).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -32,25 +33,58 @@ static int index_outside(int64_t m, const int64_t *idx, int64_t n)
     return bad;
 }
 
-#define MLP_ROWS 14 /* rows per block: 14 x 2 vector accumulators + 2 weight vectors fill the 32 registers */
+/* What this build has. Each kernel is compiled only for the instruction sets where it was
+ * measured faster than torch's own path (on the project's AVX-512 machine, and with builds
+ * and torch limited to AVX2 / SSE4 there): elsewhere the decoders run on torch. */
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define HAS_MLP_KERNEL 1 /* AVX2: ~1.15x torch end to end; SSE4: ~0.9x, left out */
+#else
+#define HAS_MLP_KERNEL 0
+#endif
+#if defined(__AVX512F__)
+#define HAS_BASIS_KERNEL 1 /* AVX2: ~0.93x torch end to end (2 threads), left out */
+#else
+#define HAS_BASIS_KERNEL 0
+#endif
 
-/* One column panel (16 * nv outputs) of a layer for MLP_ROWS rows: hout = relu?(hin @ w + b);
- * w is the panel's (din, 16 * nv) slice of the packed weight, b its bias. */
-static inline __attribute__((always_inline)) void mlp_panel(const int nv, const int64_t din, const int64_t stride,
-                                                            const float *restrict hin, const float *restrict w,
-                                                            const float *restrict b, const int relu,
-                                                            float *restrict hout)
+/* 1: ciisr_mlp_decode is built; 2: ciisr_basis_decode is, where BASIS_* are defined */
+int ciisr_kernels(void)
 {
-    v16 acc[MLP_ROWS][2];
+    return HAS_MLP_KERNEL | (HAS_BASIS_KERNEL << 1);
+}
+
+#if HAS_MLP_KERNEL
+/* The MLP kernel's tile: MLP_ROWS rows x 2 native vectors of accumulators, sized to the
+ * register file (as hand-written SGEMM tiles are); a 512-bit vector type on a 256-bit
+ * machine would spill and run ~20x slower. */
+#if defined(__AVX512F__)
+#define VEC 16 /* 32 zmm registers: 28 accumulators, 2 weight vectors, 1 broadcast */
+#define MLP_ROWS 14
+#else
+#define VEC 8 /* 16 ymm registers: the classic 6 x 16 tile */
+#define MLP_ROWS 6
+#endif
+typedef float vec __attribute__((vector_size(VEC * 4)));
+typedef int32_t veci __attribute__((vector_size(VEC * 4)));
+
+/* Columns [s, s + VEC * nv) of a packed panel pw columns wide, for MLP_ROWS rows:
+ * hout = relu?(hin @ w + b), w the panel's (din, pw) slice of the packed weight. */
+static inline __attribute__((always_inline)) void mlp_tile(const int pw, const int s, const int nv,
+                                                           const int64_t din, const int64_t stride,
+                                                           const float *restrict hin, const float *restrict w,
+                                                           const float *restrict b, const int relu,
+                                                           float *restrict hout)
+{
+    vec acc[MLP_ROWS][2];
     for (int v = 0; v < nv; v++) {
-        const v16 bias = *(const v16 *)(b + 16 * v);
+        const vec bias = *(const vec *)(b + s + VEC * v);
         for (int r = 0; r < MLP_ROWS; r++)
             acc[r][v] = bias;
     }
 #pragma GCC unroll 4 /* measured ~6% faster than no unrolling, 2 cores busy */
     for (int64_t k = 0; k < din; k++) {
-        const v16 w0 = *(const v16 *)(w + k * 16 * nv);
-        const v16 w1 = nv == 2 ? *(const v16 *)(w + k * 32 + 16) : w0;
+        const vec w0 = *(const vec *)(w + k * pw + s);
+        const vec w1 = nv == 2 ? *(const vec *)(w + k * pw + s + VEC) : w0;
         for (int r = 0; r < MLP_ROWS; r++) {
             const float a = hin[r * stride + k];
             acc[r][0] += a * w0;
@@ -58,14 +92,24 @@ static inline __attribute__((always_inline)) void mlp_panel(const int nv, const 
                 acc[r][1] += a * w1;
         }
     }
-    const v16 zero = {0};
+    const vec zero = {0};
     for (int r = 0; r < MLP_ROWS; r++)
         for (int v = 0; v < nv; v++) {
-            v16 y = acc[r][v];
+            vec y = acc[r][v];
             if (relu)
-                y = (v16)((v16i)y & (y > zero)); /* lanes not > 0 become +0 */
-            *(v16 *)(hout + r * stride + 16 * v) = y;
+                y = (vec)((veci)y & (y > zero)); /* lanes not > 0 become +0 */
+            *(vec *)(hout + r * stride + s + VEC * v) = y;
         }
+}
+
+/* One packed panel (pw = 32 or 16 columns) in tiles of up to 2 vectors */
+static inline __attribute__((always_inline)) void mlp_panel(const int pw, const int64_t din, const int64_t stride,
+                                                            const float *restrict hin, const float *restrict w,
+                                                            const float *restrict b, const int relu,
+                                                            float *restrict hout)
+{
+    for (int s = 0; s < pw; s += 2 * VEC)
+        mlp_tile(pw, s, pw - s >= 2 * VEC ? 2 : 1, din, stride, hin, w, b, relu, hout);
 }
 
 static inline __attribute__((always_inline)) void mlp_layer_panels(const int64_t din, const int64_t dout,
@@ -75,13 +119,13 @@ static inline __attribute__((always_inline)) void mlp_layer_panels(const int64_t
 {
     int64_t c = 0;
     for (; c + 32 <= dout; c += 32)
-        mlp_panel(2, din, stride, hin, w + c * din, b + c, relu, hout + c);
+        mlp_panel(32, din, stride, hin, w + c * din, b + c, relu, hout + c);
     if (c < dout)
-        mlp_panel(1, din, stride, hin, w + c * din, b + c, relu, hout + c);
+        mlp_panel(16, din, stride, hin, w + c * din, b + c, relu, hout + c);
 }
 
 /* relu?(hin @ W + b) for MLP_ROWS rows; dout a multiple of 16 (W packed in panels of 32
- * columns, the last one 16 wide when dout is an odd number of vectors) */
+ * columns, the last one 16 wide when dout is not a multiple of 32) */
 static void mlp_layer(const int64_t din, const int64_t dout, const int64_t stride, const float *restrict hin,
                       const float *restrict w, const float *restrict b, const int relu, float *restrict hout)
 {
@@ -135,7 +179,9 @@ int ciisr_mlp_decode(int64_t m, int64_t e, int first_relu, const float *table, i
     return 0;
 }
 
-#ifdef BASIS_K
+#endif /* HAS_MLP_KERNEL */
+
+#if defined(BASIS_K) && HAS_BASIS_KERNEL
 /* Defined by fused_cpu.py:
  *   BASIS_K       number of bases
  *   BASIS_E       query inputs per row (relative coordinate, cell)

@@ -51,7 +51,6 @@ _LOCK = threading.Lock()
 _WARNED = False
 # rows below which splitting one call across threads costs more than it saves
 _ROWS_PER_THREAD = 4096
-_MLP_ROWS = 14  # rows per block of ciisr_mlp_decode (MLP_ROWS in fused_cpu.c)
 _POOL = None
 _KERNELS = weakref.WeakKeyDictionary()  # module -> {name: (parameter versions, packed kernel)}
 
@@ -141,9 +140,12 @@ def _compile(defines):
 def _load(path):
     lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.ciisr_mlp_decode.argtypes = [i64, i64, ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
-                                     ptr]
-    lib.ciisr_mlp_decode.restype = ctypes.c_int
+    lib.ciisr_kernels.argtypes = []
+    lib.ciisr_kernels.restype = ctypes.c_int
+    if hasattr(lib, 'ciisr_mlp_decode'):
+        lib.ciisr_mlp_decode.argtypes = [i64, i64, ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
+                                         ptr]
+        lib.ciisr_mlp_decode.restype = ctypes.c_int
     if hasattr(lib, 'ciisr_basis_decode'):
         lib.ciisr_basis_decode.argtypes = [i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         lib.ciisr_basis_decode.restype = ctypes.c_int
@@ -152,15 +154,17 @@ def _load(path):
 
 def _self_check(lib):
     """The MLP kernel agrees with torch on small random cases, both of its code paths (the
-    papers' 256-wide layers; odd widths, in 32- and 16-wide panels), over a full block of
+    papers' 256-wide layers; odd widths, in 32- and 16-wide panels), over full blocks of
     rows and a remainder: a wrong build, ABI or compiler bug shows here, not in an image."""
+    if not hasattr(lib, 'ciisr_mlp_decode'):
+        return
     gen = torch.Generator().manual_seed(0)
     for widths in ((256, 256, 3), (37, 20, 33, 5)):
         layers = [(torch.randn(d_out, d_in, generator=gen) / d_in**0.5, torch.randn(d_out, generator=gen), True)
                   for d_in, d_out in zip(widths[:-1], widths[1:])]
         layers[-1] = layers[-1][:2] + (False, )
         kernel = MLPKernel(layers)
-        rows, e = 2 * _MLP_ROWS + 3, 4
+        rows, e = 31, 4  # several blocks and a remainder for each block size fused_cpu.c picks (14, 6)
         table, extra = torch.randn(5, widths[0], generator=gen), torch.randn(rows, e, generator=gen)
         first_weight, index = torch.randn(widths[0], e, generator=gen), torch.randint(0, 5, (rows, ), generator=gen)
         out = kernel.launch(lib, table, index, extra, first_weight, True)
@@ -201,6 +205,14 @@ def library(defines=(), check=None):
 
 # ----------------------------------------------------------------------------------------------
 # calling
+def kernels_built():
+    """The kernels this CPU gets: ``{'mlp', 'basis'}`` on AVX-512, ``{'mlp'}`` on AVX2, else
+    none (see ``fused_cpu.c``: each is built only where it was measured faster than torch)."""
+    lib = library()
+    flags = lib.ciisr_kernels() if lib is not None else 0
+    return {name for bit, name in ((1, 'mlp'), (2, 'basis')) if flags & bit}
+
+
 def _split_rows(m, run):
     """``run(start, stop)`` over the rows, on the intra-op threads when there are enough rows
     (the kernels are single-threaded; inside ``decode_in_order`` there is one thread)."""
@@ -305,7 +317,9 @@ class MLPKernel:
         ``extra`` (M, E) the query inputs, ``first_weight`` (D, E) their columns of the first
         layer; None where the kernels are not available."""
         lib = library()
-        return None if lib is None else self.launch(lib, table, index, extra, first_weight, first_relu)
+        if lib is None or not hasattr(lib, 'ciisr_mlp_decode'):
+            return None
+        return self.launch(lib, table, index, extra, first_weight, first_relu)
 
     def launch(self, lib, table, index, extra, first_weight, first_relu):
         table, index, extra = table.contiguous(), index.contiguous(), extra.float().contiguous()
@@ -362,8 +376,9 @@ class BasisKernel:
         self._bias_ptrs = (ctypes.c_void_p * len(layers))(*[b.data_ptr() for b in self.biases])
 
     def available(self):
-        """Whether this kernel compiled and passed its check (both happen on the first call)."""
-        return self._library() is not None
+        """Whether this CPU gets the kernel and it compiled and passed its check (both happen on
+        the first call)."""
+        return 'basis' in kernels_built() and self._library() is not None
 
     def _library(self):
         return library(self.defines, check=self._self_check)
