@@ -44,7 +44,9 @@ from .cpu_linear import exporting
 logger = logging.getLogger('ciisr')
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fused_cpu.c')
-_FLAGS = ('-O3', '-march=native', '-mprefer-vector-width=512', '-std=gnu11', '-shared', '-fPIC')
+_X86 = platform.machine().lower() in ('x86_64', 'amd64', 'i386', 'i686')
+# x86 compilers default to 256-bit vectors even on AVX-512 CPUs; other compilers reject the option
+_FLAGS = ('-O3', '-march=native', *(('-mprefer-vector-width=512', ) if _X86 else ()), '-std=gnu11', '-shared', '-fPIC')
 _ENABLED = os.environ.get('CIISR_FUSED_CPU', 'on').lower() not in ('off', '0', 'false', 'no')
 _LIBRARIES = {}  # defines -> ctypes library, or None when it could not be built / failed its check
 _LOCK = threading.Lock()
