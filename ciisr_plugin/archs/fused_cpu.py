@@ -365,13 +365,14 @@ class BasisKernel:
                         ('BASIS_LAYERS(nr)', ' '.join(calls)), ('BASIS_RESULT', buffers[len(layers) % 2]))
         self.num_basis, self.first_width, self.extra_channels, self.dims = num_basis, first_width, extra_channels, dims
         self.out_channels = dims[-1]
+        self.layers = [(weight.detach(), bias.detach()) for weight, bias in layers]
         self.weights, self.biases = [], []
-        for (weight, bias), nv in zip(layers, vectors):
+        for (weight, bias), nv in zip(self.layers, vectors):
             k, d_out, d_in = weight.shape
             packed = weight.new_zeros(k, d_in, nv * 16)
-            packed[:, :, :d_out] = weight.detach().transpose(1, 2)
+            packed[:, :, :d_out] = weight.transpose(1, 2)
             padded_bias = bias.new_zeros(k, nv * 16)
-            padded_bias[:, :d_out] = bias.detach()
+            padded_bias[:, :d_out] = bias
             self.weights.append(packed.float().contiguous())
             self.biases.append(padded_bias.float().contiguous())
         self._weight_ptrs = (ctypes.c_void_p * len(layers))(*[w.data_ptr() for w in self.weights])
@@ -380,10 +381,11 @@ class BasisKernel:
     def available(self):
         """Whether this CPU gets the kernel and it compiled and passed its check (both happen on
         the first call)."""
-        return 'basis' in kernels_built() and self._library() is not None
+        return self._library() is not None
 
     def _library(self):
-        return library(self.defines, check=self._self_check)
+        # not built for this CPU: no library for these defines is compiled at all
+        return library(self.defines, check=self._self_check) if 'basis' in kernels_built() else None
 
     def _self_check(self, lib):
         """This build against :meth:`reference` on random bases of the same sizes, over a full
@@ -398,19 +400,19 @@ class BasisKernel:
         first_weight, coeff = torch.randn(k * width, e, generator=gen), torch.randn(rows, k, generator=gen)
         coeff = coeff / coeff.norm(dim=1, keepdim=True)  # as A-LIIF mixes: values stay O(1)
         index = torch.randint(0, 5, (rows, ), generator=gen)
-        out = probe._launch(lib, table, index, extra, first_weight, coeff)
-        expected = probe.reference(table, index, extra, first_weight, coeff, layers)
+        out = probe.launch(lib, table, index, extra, first_weight, coeff)
+        expected = probe.reference(table, index, extra, first_weight, coeff)
         if out is None or not torch.allclose(out, expected, rtol=1e-5, atol=1e-5):
             raise KernelError('the compiled basis kernel disagrees with torch on a test case')
 
-    def reference(self, table, index, extra, first_weight, coeff, layers):
-        """What the kernel computes, in plain torch (``layers`` as given to the constructor)."""
+    def reference(self, table, index, extra, first_weight, coeff):
+        """What the kernel computes, in plain torch."""
         k, width = self.num_basis, self.first_width
         pre = (table[index] + extra @ first_weight.t()).view(-1, k, width)
         h = (coeff.unsqueeze(-1) * pre).sum(1).relu()
-        for i, (weight, bias) in enumerate(layers):
+        for i, (weight, bias) in enumerate(self.layers):
             h = torch.einsum('mk,kod,md->mo', coeff, weight, h) + coeff @ bias
-            h = h.relu() if i < len(layers) - 1 else h
+            h = h.relu() if i < len(self.layers) - 1 else h
         return h
 
     def __call__(self, table, index, extra, first_weight, coeff):
@@ -418,9 +420,9 @@ class BasisKernel:
         read at ``index``, query inputs ``extra`` (M, E) through ``first_weight`` (K * H0, E),
         mixed by ``coeff`` (M, K); None where the kernels are not available."""
         lib = self._library()
-        return None if lib is None else self._launch(lib, table, index, extra, first_weight, coeff)
+        return None if lib is None else self.launch(lib, table, index, extra, first_weight, coeff)
 
-    def _launch(self, lib, table, index, extra, first_weight, coeff):
+    def launch(self, lib, table, index, extra, first_weight, coeff):
         table, index, extra = table.contiguous(), index.contiguous(), extra.float().contiguous()
         coeff = coeff.float().contiguous()
         weight_t = first_weight.detach().t().float().contiguous()
