@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 
 @pytest.fixture(autouse=True)
 def fresh_probe(monkeypatch):
-    monkeypatch.setattr(cpu_linear, '_AVAILABLE', None)
+    monkeypatch.setattr(cpu_linear, '_AVAILABLE', {})
     monkeypatch.setattr(cpu_linear, '_ENABLED', True)
 
 
@@ -28,11 +28,34 @@ def test_cpu_float32_takes_the_onednn_route():
     assert cpu_linear._compute_dtype(x, w) == torch.float32
 
 
+BF16_ON_ONEDNN = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # AVX512-BF16 or AMX
+
+
 def test_first_use_inside_bf16_autocast_does_not_disable_the_route():
     # the availability probe must not run its check under the caller's autocast
     x, w, _ = _case()
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert cpu_linear._compute_dtype(x, w) == torch.bfloat16
+        assert cpu_linear._compute_dtype(x, w) == (torch.bfloat16 if BF16_ON_ONEDNN else None)
+    assert cpu_linear._compute_dtype(x, w) == torch.float32
+
+
+def test_a_cpu_without_onednn_bf16_keeps_float32_on_onednn_and_bf16_on_autocast(monkeypatch):
+    # an AVX2-only CPU: oneDNN has no bf16 inner product there and raises when asked for one
+    onednn = cpu_linear._onednn
+
+    def float32_only(x, *args):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError('could not create a primitive descriptor for the inner product')
+        return onednn(x, *args)
+
+    monkeypatch.setattr(cpu_linear, '_onednn', float32_only)
+    x, w, b = _case()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert cpu_linear._compute_dtype(x, w) is None
+        ours = cpu_linear.linear(x, w, b, relu=True)
+        ref = F.linear(x, w, b).relu()
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     assert cpu_linear._compute_dtype(x, w) == torch.float32
 
 

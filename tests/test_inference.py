@@ -476,15 +476,29 @@ def test_amx_is_read_from_the_cpu_flags(tmp_path, monkeypatch):
     assert inference.cpu_has_amx() is None
 
 
-@pytest.mark.parametrize('amx', [False, True, None])
-def test_bf16_upscale_notes_a_cpu_without_amx(tmp_path, checkpoint, monkeypatch, capsys, amx):
+@pytest.mark.parametrize('amx, bf16_matmul', [(False, True), (False, False), (True, True), (None, False)])
+def test_bf16_upscale_notes_a_cpu_without_amx(tmp_path, checkpoint, monkeypatch, capsys, amx, bf16_matmul):
     ckpt, _ = checkpoint
     monkeypatch.setattr(inference, 'cpu_has_amx', lambda: amx)
+    monkeypatch.setattr(inference, 'cpu_has_bf16_matmul', lambda: bf16_matmul)
     cv2.imwrite(str(tmp_path / 'a.png'), photo((10, 12)))
     assert upscale_cli(tmp_path / 'a.png', '-o', tmp_path / 'b.png', '--model', ckpt, '--scale', '2',
                        '--precision', 'bf16', '--device', 'cpu') == 0
     err = capsys.readouterr().err
     assert ('no AMX' in err) == (amx is False)
+    assert ('several times slower' in err) == (amx is False and not bf16_matmul)
+    assert cv2.imread(str(tmp_path / 'b.png')).shape == (20, 24, 3)
+
+
+def test_bf16_matmul_support_agrees_with_onednn():
+    # where oneDNN says bf16 is supported its bf16 product must run; where not, it raises
+    x = torch.randn(4, 8).bfloat16()
+    w = torch.randn(3, 8).bfloat16()
+    if inference.cpu_has_bf16_matmul():
+        torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], '')
+    else:
+        with pytest.raises(RuntimeError):
+            torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], '')
 
 
 def test_upscale_folder_keeps_names_and_formats(tmp_path, checkpoint):

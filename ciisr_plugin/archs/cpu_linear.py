@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 _ENABLED = os.environ.get('CIISR_CPU_LINEAR', 'onednn').lower() != 'native'
-_AVAILABLE = None  # probed on first use
+_AVAILABLE = {}  # dtype -> whether oneDNN runs it here, probed on first use
 
 
 def set_enabled(enabled):
@@ -32,16 +32,19 @@ def set_enabled(enabled):
     _ENABLED = bool(enabled)
 
 
-def _probe():
-    """oneDNN's linear exists in this build and agrees with F.linear on a small case."""
+def _probe(dtype):
+    """oneDNN's linear exists in this build, runs ``dtype`` on this CPU and agrees with F.linear
+    on a small case. bf16 needs AVX512-BF16 or AMX: on an AVX2-only CPU oneDNN has no bf16
+    inner product at all (it raises), and autocast's own F.linear is used instead."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(*s, generator=gen) for s in ((5, 7), (3, 7), (3, )))
         with torch.no_grad(), torch.autocast('cpu', enabled=False):  # may be first called in a bf16 region
-            out = torch.ops.mkldnn._linear_pointwise(x, w, b, 'relu', [], '')
-            return bool(torch.allclose(out, F.linear(x, w, b).relu(), atol=1e-5))
+            expected = F.linear(x, w, b).relu()
+            out = _onednn(x.to(dtype), w.to(dtype), b.to(dtype), True)
+            return bool(torch.allclose(out.float(), expected, atol=1e-5 if dtype == torch.float32 else 0.1))
     except (AttributeError, RuntimeError):
         return False
 
@@ -53,7 +56,6 @@ def exporting():
 
 def _compute_dtype(x, weight):
     """The dtype oneDNN should compute in here, or None to use ``F.linear``."""
-    global _AVAILABLE
     if not (_ENABLED and x.device.type == 'cpu' and weight.dtype == torch.float32):
         return None
     if exporting() or torch.compiler.is_compiling():
@@ -65,9 +67,9 @@ def _compute_dtype(x, weight):
         dtype = torch.float32 if x.dtype == torch.float32 else None
     if dtype is None:
         return None
-    if _AVAILABLE is None:
-        _AVAILABLE = _probe()
-    return dtype if _AVAILABLE else None
+    if dtype not in _AVAILABLE:
+        _AVAILABLE[dtype] = _probe(dtype)
+    return dtype if _AVAILABLE[dtype] else None
 
 
 def _onednn(x, weight, bias, relu):

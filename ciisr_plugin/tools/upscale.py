@@ -341,9 +341,14 @@ def _run(args):
 
     from .. import allocator
     from ..checkpoint import load_model
-    from ..inference import cpu_has_amx
+    from ..inference import cpu_has_amx, cpu_has_bf16_matmul
     if args.precision == 'bf16' and device.type == 'cpu' and cpu_has_amx() is False:
-        print(f'{PROG}: note: this CPU has no AMX, so --precision bf16 is not faster than fp32 here', file=sys.stderr)
+        if cpu_has_bf16_matmul():
+            print(f'{PROG}: note: this CPU has no AMX, so --precision bf16 is not faster than fp32 here',
+                  file=sys.stderr)
+        else:
+            print(f'{PROG}: note: this CPU has no AMX and no AVX512-BF16, so --precision bf16 is emulated '
+                  'and several times slower than fp32 here', file=sys.stderr)
     allocator.keep_freed_buffers(allocator.INFERENCE)  # the same few-MB chunk buffers, over and over
     net = load_model(args.model, device=device, allow_pickle=args.allow_pickle)
 
