@@ -171,7 +171,7 @@ def test_inconsistent_shapes_are_an_error_not_a_read_past_the_tensor():
             kernel(torch.randn(10, 40), index, torch.randn(3, 4), torch.randn(40, 4), True)  # table wider than layer 1
 
 
-@pytest.mark.skipif('basis' not in _built(), reason='the basis kernel is built only for AVX-512 CPUs')
+@pytest.mark.skipif('basis' not in _built(), reason='no basis kernel here (AVX-512 only)')
 def test_inconsistent_basis_inputs_are_an_error_not_a_read_past_the_tensor():
     index = torch.tensor([0, 1, 2])
     net = _net('aliif')
@@ -297,7 +297,7 @@ def test_aliif_without_its_basis_kernel_decodes_the_bases_on_torch(monkeypatch):
     torch.testing.assert_close(out, upscale_tiled(net, lq, (20, 20)), rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif('basis' not in _built(), reason='the basis kernel is built only for AVX-512 CPUs')
+@pytest.mark.skipif('basis' not in _built(), reason='no basis kernel here (AVX-512 only)')
 def test_a_basis_build_that_fails_its_check_is_not_used(monkeypatch, caplog):
     # stands in for a miscompiled build: the check on load must catch it and the decode fall back
     monkeypatch.setattr(fused_cpu, '_LIBRARIES', {})
