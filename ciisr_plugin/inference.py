@@ -28,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from .archs.cpu_linear import onednn_runs
 from .archs.implicit_query import ImplicitSRNet, LatentWindow, PixelGrid, grid_blocks
 
 logger = logging.getLogger('ciisr')
@@ -237,12 +238,8 @@ def cpu_has_amx():
 def cpu_has_bf16_matmul():
     """Whether oneDNN has bf16 matrix products on this CPU (AVX512-BF16 or AMX). Without them
     (e.g. AVX2-only CPUs) bf16 products are emulated: measured on a 2-core AVX2 machine,
-    ~10 GFLOP/s vs ~70 for fp32."""
-    supported = getattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', None)
-    try:
-        return bool(supported()) if supported is not None else False
-    except RuntimeError:
-        return False
+    ~10 GFLOP/s vs ~70 for fp32. The same probe decides whether the decoders use it."""
+    return onednn_runs(torch.bfloat16)
 
 
 def check_precision(precision):

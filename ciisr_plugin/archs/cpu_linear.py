@@ -67,9 +67,14 @@ def _compute_dtype(x, weight):
         dtype = torch.float32 if x.dtype == torch.float32 else None
     if dtype is None:
         return None
+    return dtype if onednn_runs(dtype) else None
+
+
+def onednn_runs(dtype):
+    """Whether oneDNN's linear runs ``dtype`` on this CPU (probed once per dtype)."""
     if dtype not in _AVAILABLE:
         _AVAILABLE[dtype] = _probe(dtype)
-    return dtype if _AVAILABLE[dtype] else None
+    return _AVAILABLE[dtype]
 
 
 def _onednn(x, weight, bias, relu):
