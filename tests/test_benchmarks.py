@@ -1,0 +1,57 @@
+"""The benchmark scripts run (they are measured by hand, not timed here)."""
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+PEAK = str(REPO / 'benchmarks' / 'bench_cpu_peak.py')
+
+
+def _compiler_macros():
+    """What ``-march=native`` turns on for this machine's compiler (an old one may lack a new format)."""
+    compiler = os.environ.get('CC') or shutil.which('cc')
+    out = subprocess.run([compiler, '-march=native', '-dM', '-E', '-'], input='', capture_output=True, text=True)
+    return {line.split()[1] for line in out.stdout.splitlines() if line.startswith('#define ')}
+
+
+def _cpu_flags():
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((set(line.split(':', 1)[1].split()) for line in f if line.startswith('flags')), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(not shutil.which('cc') and not os.environ.get('CC'), reason='needs a C compiler')
+@pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'), reason='x86 intrinsics')
+def test_cpu_peak_reports_what_this_cpu_has():
+    out = subprocess.run([sys.executable, PEAK, '--repeats', '1'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    flags = _cpu_flags()
+    fp32 = re.search(r'fp32-fma-(avx512|avx2)\s+([\d.]+) GFLOP/s', out.stdout)
+    if 'avx512f' in flags or {'avx2', 'fma'} <= flags:
+        assert fp32 and float(fp32.group(2)) > 1, out.stdout
+        assert fp32.group(1) == ('avx512' if 'avx512f' in flags else 'avx2')
+    # each reduced format is timed exactly where it is built, else said to be missing
+    macros = _compiler_macros()
+    for name, flag, macro in (('bf16', 'avx512_bf16', '__AVX512BF16__'), ('fp16', 'avx512_fp16', '__AVX512FP16__')):
+        built = macro in macros
+        assert flag in flags or not built  # -march=native never enables what the CPU lacks
+        timed = re.search(rf'{name}-\S+\s+[\d.]+ GFLOP/s\s+\([\d.]+x fp32\)', out.stdout)
+        assert bool(timed) == built, out.stdout
+        assert (f'{name}: not available' in out.stdout) == (not built), out.stdout
+
+
+def test_cpu_peak_without_a_working_compiler_is_one_line():
+    env = dict(os.environ, CC=shutil.which('false') or '/bin/false')
+    out = subprocess.run([sys.executable, PEAK, '--repeats', '1'], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert out.returncode != 0
+    assert out.stdout == ''
+    assert len(out.stderr.strip().splitlines()) == 1 and 'bench_cpu_peak' in out.stderr
