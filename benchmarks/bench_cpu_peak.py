@@ -104,8 +104,11 @@ def build(tmp):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--cores', type=int, default=1, help='copies run at once (default 1)')
-    parser.add_argument('--repeats', type=int, default=3, help='rounds; the best of each is shown (default 3)')
+    parser.add_argument('--repeats', type=int, default=3, help='rounds; each format\'s best is shown (default 3)')
     args = parser.parse_args()
+    for option in ('cores', 'repeats'):
+        if getattr(args, option) < 1:
+            parser.error(f'--{option} must be at least 1, got {getattr(args, option)}')
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(tmp)
         best = {}

@@ -55,3 +55,10 @@ def test_cpu_peak_without_a_working_compiler_is_one_line():
     assert out.returncode != 0
     assert out.stdout == ''
     assert len(out.stderr.strip().splitlines()) == 1 and 'bench_cpu_peak' in out.stderr
+
+
+@pytest.mark.parametrize('option', ['--cores', '--repeats'])
+def test_cpu_peak_refuses_nothing_to_run(option):
+    out = subprocess.run([sys.executable, PEAK, option, '0'], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ''
+    assert f'{option} must be at least 1, got 0' in out.stderr.strip().splitlines()[-1]
