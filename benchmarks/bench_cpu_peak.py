@@ -6,15 +6,15 @@ AVX512-BF16's ``vdpbf16ps`` (two products per fp32 lane); this script measures i
 fp32 FMA our fused kernels use (and AVX512-FP16's FMA, for reference), in registers only, so
 that what it prints is the instruction's own throughput: no memory, no torch.
 
-It compiles a small C program with the system compiler (``$CC``, else ``cc``) for this CPU
-(``-march=native``); a format that this CPU (or a compiler too old for it) lacks is reported as such.
+It compiles a small C program with the compiler our fused kernels use (``$CC``, else ``cc``; see
+``ciisr_plugin.archs.fused_cpu.compiler``) for this CPU (``-march=native``); a format that this CPU
+(or a compiler too old for it) lacks is reported as such.
 
     python benchmarks/bench_cpu_peak.py            # one core
     python benchmarks/bench_cpu_peak.py --cores 2  # that many copies at once, as a loaded machine
 """
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,7 +88,8 @@ int main(void)
 
 
 def build(tmp):
-    compiler = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+    from ciisr_plugin.archs.fused_cpu import compiler as find_compiler
+    compiler = find_compiler()
     if not compiler:
         sys.exit('bench_cpu_peak: no C compiler found (set CC, or install gcc)')
     src, exe = os.path.join(tmp, 'peak.c'), os.path.join(tmp, 'peak')

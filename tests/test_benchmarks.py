@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from ciisr_plugin.archs import fused_cpu
 from conftest import REPO
 
 PEAK = str(REPO / 'benchmarks' / 'bench_cpu_peak.py')
@@ -15,8 +16,8 @@ PEAK = str(REPO / 'benchmarks' / 'bench_cpu_peak.py')
 
 def _compiler_macros():
     """What ``-march=native`` turns on for this machine's compiler (an old one may lack a new format)."""
-    compiler = os.environ.get('CC') or shutil.which('cc')
-    out = subprocess.run([compiler, '-march=native', '-dM', '-E', '-'], input='', capture_output=True, text=True)
+    out = subprocess.run([fused_cpu.compiler(), '-march=native', '-dM', '-E', '-'], input='', capture_output=True,
+                         text=True)
     return {line.split()[1] for line in out.stdout.splitlines() if line.startswith('#define ')}
 
 
@@ -28,7 +29,7 @@ def _cpu_flags():
         return set()
 
 
-@pytest.mark.skipif(not shutil.which('cc') and not os.environ.get('CC'), reason='needs a C compiler')
+@pytest.mark.skipif(fused_cpu.compiler() is None, reason='needs a C compiler')
 @pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'), reason='x86 intrinsics')
 def test_cpu_peak_reports_what_this_cpu_has():
     out = subprocess.run([sys.executable, PEAK, '--repeats', '1'], capture_output=True, text=True, timeout=120)

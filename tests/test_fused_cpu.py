@@ -11,7 +11,7 @@ from basicsr.archs import build_network
 from ciisr_plugin.archs import fused_cpu
 from ciisr_plugin.inference import upscale_tiled
 
-HAS_COMPILER = fused_cpu._compiler() is not None
+HAS_COMPILER = fused_cpu.compiler() is not None
 
 
 @pytest.fixture(autouse=True)

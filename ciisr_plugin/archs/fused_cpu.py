@@ -100,19 +100,20 @@ def _cpu_signature():
     return text
 
 
-def _compiler():
+def compiler():
+    """The C compiler the kernels are built with: ``$CC``, else cc, gcc or clang on PATH; None if none."""
     return os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc') or shutil.which('clang')
 
 
 def _compile(defines):
     """Path of the shared library for ``defines`` (compiled now unless cached)."""
-    compiler = _compiler()
-    if not compiler:
+    cc = compiler()
+    if not cc:
         raise KernelError('no C compiler found (set CC, or install gcc)')
     with open(_SOURCE) as f:
         source = f.read()
     header = ''.join(f'#define {name} {value}\n' for name, value in defines)
-    key = hashlib.sha256('\0'.join([header, source, compiler, ' '.join(_FLAGS), _cpu_signature()
+    key = hashlib.sha256('\0'.join([header, source, cc, ' '.join(_FLAGS), _cpu_signature()
                                     ]).encode()).hexdigest()[:20]
     root = cache_dir()
     try:
@@ -130,10 +131,10 @@ def _compile(defines):
             f.write(header + source)
         built = os.path.join(tmp, 'fused_cpu.so')
         start = time.perf_counter()
-        result = subprocess.run([compiler, *_FLAGS, '-o', built, c_file], capture_output=True, text=True)
+        result = subprocess.run([cc, *_FLAGS, '-o', built, c_file], capture_output=True, text=True)
         if result.returncode != 0:
             first = (result.stderr.strip().splitlines() or ['(no message)'])[0]
-            raise KernelError(f'{compiler} failed on fused_cpu.c: {first}')
+            raise KernelError(f'{cc} failed on fused_cpu.c: {first}')
         os.replace(built, path)  # atomic: a concurrent build of the same key just replaces it
     logger.info('compiled fused CPU kernels in %.1f s: %s', time.perf_counter() - start, path)
     return path
