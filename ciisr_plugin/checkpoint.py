@@ -74,7 +74,15 @@ def _authors_encoder_opt(spec):
             'config': args.get('RDNconfig', 'B'),
             'kernel_size': args.get('RDNkSize', 3),
         }
-    raise CheckpointError(f"authors' encoder '{name}' is not supported (known: edsr-baseline, edsr, rdn)")
+    if name == 'rcan':
+        return {
+            'type': 'RCANEncoder',
+            'num_feat': args.get('n_feats', 64),
+            'num_group': args.get('n_resgroups', 10),
+            'num_block': args.get('n_resblocks', 20),
+            'reduction': args.get('reduction', 16),
+        }
+    raise CheckpointError(f"authors' encoder '{name}' is not supported (known: edsr-baseline, edsr, rdn, rcan)")
 
 
 def _authors_network_opt(model_spec):
@@ -113,9 +121,12 @@ def _authors_network_opt(model_spec):
 
 
 # (pattern, replacement) applied in order to the authors' state-dict keys; None drops the key.
-_EDSR_KEYS = [
+# EDSR and RCAN share EDSR-PyTorch's layout: sub_mean / add_mean, head, body, tail
+_EDSR_PYTORCH_HEAD_KEYS = [
     (r'^encoder\.(sub_mean|add_mean)\..*', None),  # mean shift: stored but unused by their forward
     (r'^encoder\.head\.0\.', 'encoder.conv_first.'),
+]
+_EDSR_KEYS = _EDSR_PYTORCH_HEAD_KEYS + [
     (r'^encoder\.body\.(\d+)\.body\.0\.', r'encoder.body.\1.conv1.'),
     (r'^encoder\.body\.(\d+)\.body\.2\.', r'encoder.body.\1.conv2.'),
 ]
@@ -126,6 +137,12 @@ _RDN_KEYS = [
     (r'^encoder\.RDBs\.(\d+)\.LFF\.', r'encoder.blocks.\1.fuse.'),
     (r'^encoder\.GFF\.0\.', 'encoder.fuse_global.'),
     (r'^encoder\.GFF\.1\.', 'encoder.conv_after_fuse.'),
+]
+_RCAN_KEYS = _EDSR_PYTORCH_HEAD_KEYS + [
+    (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.0\.', r'encoder.groups.\1.blocks.\2.conv1.'),
+    (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.2\.', r'encoder.groups.\1.blocks.\2.conv2.'),
+    (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.', r'encoder.groups.\1.blocks.\2.attention.down.'),
+    (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.', r'encoder.groups.\1.blocks.\2.attention.up.'),
 ]
 _DECODER_KEYS = [
     (r'^imnet\.layers\.', 'decoder.layers.'),
@@ -142,6 +159,12 @@ def _authors_state_dict(sd, network_opt):
         rules += _EDSR_KEYS
         # the body's final conv is entry num_block of their Sequential
         rules.append((rf'^encoder\.body\.{network_opt["encoder"]["num_block"]}\.', 'encoder.conv_after_body.'))
+    elif network_opt['encoder']['type'] == 'RCANEncoder':
+        rules += _RCAN_KEYS
+        # a group's final conv follows its num_block blocks; the body's follows its num_group groups
+        groups, blocks = network_opt['encoder']['num_group'], network_opt['encoder']['num_block']
+        rules.append((rf'^encoder\.body\.(\d+)\.body\.{blocks}\.', r'encoder.groups.\1.conv.'))
+        rules.append((rf'^encoder\.body\.{groups}\.', 'encoder.conv_after_body.'))
     else:
         rules += _RDN_KEYS
     out = {}

@@ -1,5 +1,6 @@
 """LIIF is the authors' model: same weights -> same numbers (fixture), every flag, any size."""
 import copy
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from basicsr.archs import build_network
 import ciisr_plugin
 from ciisr_plugin.archs.implicit_query import make_cell, make_coord
 from ciisr_plugin.checkpoint import CheckpointError, convert_authors_checkpoint, describe
+from ciisr_plugin.inference import tile_halo
 from literal_reference import literal_liif_forward
 
 TINY_EDSR = {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 2}
@@ -136,6 +138,71 @@ def test_authors_rdn_checkpoint_is_translated():
     lq = torch.rand(1, 3, 4, 6)
     with torch.no_grad():
         assert torch.equal(loaded.upscale(lq, (9, 13)), net.upscale(lq, (9, 13)))
+
+
+def basicsr_rcan(num_group=2, num_block=2):
+    """BasicSR's RCAN with its mean shift and 0-255 scaling neutralised: then its body is the
+    LIIF authors' RCAN encoder, an implementation independent of ours."""
+    torch.manual_seed(1)
+    net = build_network({'type': 'RCAN', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 8, 'num_group': num_group,
+                         'num_block': num_block, 'squeeze_factor': 4, 'upscale': 2, 'img_range': 1.0,
+                         'rgb_mean': [0.0, 0.0, 0.0]}).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def basicsr_rcan_features(net, x, groups=None):
+    """The feature map before BasicSR's RCAN upsamples (or after its first ``groups`` groups)."""
+    first = net.conv_first(x)
+    if groups is not None:
+        return net.body[:groups](first)
+    return net.conv_after_body(net.body(first)) + first
+
+
+def rcan_in_authors_keys(net, num_block):
+    """BasicSR RCAN weights under the key names of the LIIF authors' ``rcan`` encoder."""
+    sd = {}
+    for k, v in net.state_dict().items():
+        if k.startswith(('upsample.', 'conv_last.')):
+            continue  # their encoder has no tail when no_upsampling is set
+        k = k.replace('conv_first.', 'head.0.').replace('conv_after_body.', f'body.{len(net.body)}.')
+        k = k.replace('.residual_group.', '.body.').replace('.rcab.3.attention.1.', '.body.3.conv_du.0.')
+        k = k.replace('.rcab.3.attention.3.', '.body.3.conv_du.2.').replace('.rcab.', '.body.')
+        k = re.sub(r'^body\.(\d+)\.conv\.', rf'body.\1.body.{num_block}.', k)
+        sd['encoder.' + k] = v
+    for name in ('sub_mean', 'add_mean'):  # stored by them, never applied
+        sd[f'encoder.{name}.weight'], sd[f'encoder.{name}.bias'] = torch.eye(3).view(3, 3, 1, 1), torch.zeros(3)
+    return sd
+
+
+def test_rcan_encoder_is_the_authors_rcan():
+    reference = basicsr_rcan()
+    ours = build_network({'type': 'RCANEncoder', 'num_feat': 8, 'num_group': 2, 'num_block': 2, 'reduction': 4,
+                          'mid_layer': 1}).eval()
+    ckpt = {'model': {'name': 'liif', 'args': {
+        'encoder_spec': {'name': 'rcan', 'args': {'n_resgroups': 2, 'n_resblocks': 2, 'n_feats': 8, 'reduction': 4,
+                                                  'no_upsampling': True}},
+        'imnet_spec': {'name': 'mlp', 'args': {'out_dim': 3, 'hidden_list': [16, 16]}}}}}
+    sd = rcan_in_authors_keys(reference, num_block=2)
+    torch.manual_seed(2)
+    for i, (d_in, d_out) in enumerate([(8 * 9 + 4, 16), (16, 16), (16, 3)]):  # Linear-init scale: outputs O(1)
+        sd[f'imnet.layers.{2 * i}.weight'] = torch.randn(d_out, d_in) / d_in**0.5
+        sd[f'imnet.layers.{2 * i}.bias'] = 0.1 * torch.randn(d_out)
+    ckpt['model']['sd'] = sd
+    loaded = ciisr_plugin.load_model(ckpt)
+    ours.load_state_dict(loaded.encoder.state_dict())
+    x = torch.rand(2, 3, 9, 7)
+    with torch.no_grad():
+        expected = basicsr_rcan_features(reference, x)
+        assert (loaded.encoder(x) - expected).abs().max().item() <= 1e-5
+        mid, last = ours(x, return_mid=True)
+        assert (last - expected).abs().max().item() <= 1e-5
+        assert (mid - basicsr_rcan_features(reference, x, groups=1)).abs().max().item() <= 1e-5
+        coord, cell = queries((19, 15))
+        assert (loaded(x[:1], coord, cell) - literal_liif_forward(loaded, x[:1], coord, cell)).abs().max() <= 1e-5
+    assert tile_halo(loaded) is None  # channel attention sees the whole image: never tiled
 
 
 def test_mismatched_authors_checkpoint_lists_keys(authors_fixture):

@@ -107,6 +107,78 @@ class RDNEncoder(nn.Module):
         return (outs[self.mid_layer - 1], feat) if return_mid else feat
 
 
+class _ChannelAttention(nn.Module):
+    """Rescale channels by a gate computed from their global average (RCAN's CA layer)."""
+
+    def __init__(self, num_feat, reduction):
+        super().__init__()
+        self.down = nn.Conv2d(num_feat, num_feat // reduction, 1)
+        self.up = nn.Conv2d(num_feat // reduction, num_feat, 1)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.up(F.relu(self.down(x.mean(dim=(2, 3), keepdim=True)))))
+        return x * gate
+
+
+class _ChannelAttentionBlock(nn.Module):
+    """conv-relu-conv, channel attention, identity skip (RCAN's RCAB; no residual scaling,
+    which the LIIF authors' RCAN leaves out too)."""
+
+    def __init__(self, num_feat, reduction):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_feat, num_feat, 3, padding=1)
+        self.conv2 = nn.Conv2d(num_feat, num_feat, 3, padding=1)
+        self.attention = _ChannelAttention(num_feat, reduction)
+
+    def forward(self, x):
+        return x + self.attention(self.conv2(F.relu(self.conv1(x))))
+
+
+class _ResidualGroup(nn.Module):
+    def __init__(self, num_feat, num_block, reduction):
+        super().__init__()
+        self.blocks = nn.Sequential(*[_ChannelAttentionBlock(num_feat, reduction) for _ in range(num_block)])
+        self.conv = nn.Conv2d(num_feat, num_feat, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(self.blocks(x))
+
+
+@ARCH_REGISTRY.register()
+class RCANEncoder(nn.Module):
+    """Residual Channel Attention Network (Zhang et al., ECCV'18) without mean shift or
+    upsampler, as the LIIF authors' ``rcan`` encoder.
+
+    Defaults are theirs: 10 residual groups of 20 blocks, 64 channels, channel reduction 16.
+    (BasicSR's own ``RCAN`` also subtracts a dataset mean and scales to 0-255 first; use it
+    through ``BasicSREncoder`` for BasicSR-trained weights.) The mid-layer feature is the
+    output of residual group ``mid_layer``.
+    """
+
+    # channel attention averages over the whole image: no finite halo makes a tile exact
+    receptive_radius = None
+
+    def __init__(self, num_in_ch=3, num_feat=64, num_group=10, num_block=20, reduction=16, mid_layer=None):
+        super().__init__()
+        if num_feat // reduction < 1:
+            raise ValueError(f'RCANEncoder: num_feat ({num_feat}) must be at least reduction ({reduction})')
+        self.out_channels = num_feat
+        self.mid_layer = _check_mid_layer(mid_layer, num_group, 'RCANEncoder')
+        self.conv_first = nn.Conv2d(num_in_ch, num_feat, 3, padding=1)
+        self.groups = nn.ModuleList([_ResidualGroup(num_feat, num_block, reduction) for _ in range(num_group)])
+        self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, padding=1)
+
+    def forward(self, x, return_mid=False):
+        x = self.conv_first(x)
+        res, mid = x, (x if self.mid_layer == 0 else None)
+        for i, group in enumerate(self.groups, start=1):
+            res = group(res)
+            if i == self.mid_layer:
+                mid = res
+        res = self.conv_after_body(res) + x
+        return (mid, res) if return_mid else res
+
+
 def _normalise_like(net, x):
     """EDSR/RCAN/SwinIR subtract their dataset mean and scale by img_range first."""
     net.mean = net.mean.type_as(x)

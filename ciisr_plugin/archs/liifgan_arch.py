@@ -29,7 +29,7 @@ class LIIFGAN(ImplicitSRNet):
 
     Args:
         encoder (dict): a registered encoder arch. Decoder 1 reading the mid feature needs
-            one with ``forward(x, return_mid=True)`` (EDSREncoder, RDNEncoder; their
+            one with ``forward(x, return_mid=True)`` (EDSREncoder, RDNEncoder, RCANEncoder; their
             ``mid_layer`` option picks the block).
         hidden_list (list[int]): MLP widths of each decoder; the paper uses 4 x 256.
         local_ensemble, feat_unfold, cell_decode (bool): LIIF's three design choices.
@@ -60,9 +60,9 @@ class LIIFGAN(ImplicitSRNet):
         self.reads_mid = self.dual_decoder and decoder1_feature == 'mid'
         if self.reads_mid and 'return_mid' not in inspect.signature(self.encoder.forward).parameters:
             raise ValueError(f"LIIFGAN: decoder1_feature 'mid' needs an encoder with a mid-layer feature "
-                             f"(forward(x, return_mid=True), e.g. EDSREncoder, RDNEncoder); "
+                             f"(forward(x, return_mid=True), e.g. EDSREncoder, RDNEncoder, RCANEncoder); "
                              f"'{type(self.encoder).__name__}' has none")
-        channels = self.encoder.out_channels  # EDSR/RDN mid features have the body width too
+        channels = self.encoder.out_channels  # EDSR/RDN/RCAN mid features have the body width too
         self.decoder1 = MLPDecoder(channels, self.decoder_extra_channels, list(hidden_list), out_channels,
                                    feat_unfold)
         self.decoder2 = MLPDecoder(channels, self.decoder_extra_channels, list(hidden_list), out_channels,
