@@ -20,6 +20,19 @@ def _check_mid_layer(mid_layer, num_blocks, name):
     return mid_layer
 
 
+def _global_skip_body(net, stages, x, return_mid):
+    """EDSR's and RCAN's shape: conv_first, the stages, conv_after_body, a skip around all
+    of it; the mid-layer feature is the running feature after stage ``net.mid_layer``."""
+    x = net.conv_first(x)
+    res, mid = x, (x if net.mid_layer == 0 else None)  # 0: a body without stages
+    for i, stage in enumerate(stages, start=1):
+        res = stage(res)
+        if i == net.mid_layer:
+            mid = res
+    res = net.conv_after_body(res) + x
+    return (mid, res) if return_mid else res
+
+
 @ARCH_REGISTRY.register()
 class EDSREncoder(nn.Module):
     """EDSR body without mean shift or upsampler, as used by LIIF.
@@ -39,14 +52,7 @@ class EDSREncoder(nn.Module):
         self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
 
     def forward(self, x, return_mid=False):
-        x = self.conv_first(x)
-        res, mid = x, (x if self.mid_layer == 0 else None)  # 0: a body without blocks
-        for i, block in enumerate(self.body, start=1):
-            res = block(res)
-            if i == self.mid_layer:
-                mid = res
-        res = self.conv_after_body(res) + x
-        return (mid, res) if return_mid else res
+        return _global_skip_body(self, self.body, x, return_mid)
 
 
 class _DenseLayer(nn.Module):
@@ -169,14 +175,7 @@ class RCANEncoder(nn.Module):
         self.conv_after_body = nn.Conv2d(num_feat, num_feat, 3, padding=1)
 
     def forward(self, x, return_mid=False):
-        x = self.conv_first(x)
-        res, mid = x, (x if self.mid_layer == 0 else None)
-        for i, group in enumerate(self.groups, start=1):
-            res = group(res)
-            if i == self.mid_layer:
-                mid = res
-        res = self.conv_after_body(res) + x
-        return (mid, res) if return_mid else res
+        return _global_skip_body(self, self.groups, x, return_mid)
 
 
 def _normalise_like(net, x):
