@@ -64,7 +64,7 @@ int main(void)
     const __m256 b = _mm256_set1_ps(0.9999f);
     RUN("fp32-fma-avx2", __m256, _mm256_set1_ps(0.0f), _mm256_fmadd_ps(a, b, acc[i]), a, 16, acc[i][0])
 #else
-    printf("fp32-fma none 0\n");
+    printf("fp32-fma unavailable\n");
 #endif
 #if defined(__AVX512BF16__)
     __m512bh x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0f), _mm512_set1_ps(1.0f));
@@ -72,7 +72,7 @@ int main(void)
     RUN("bf16-dot-avx512", __m512, _mm512_set1_ps(0.0f), _mm512_dpbf16_ps(acc[i], x, y), x, 64,
         _mm512_reduce_add_ps(acc[i]))
 #else
-    printf("bf16-dot none 0\n");
+    printf("bf16-dot unavailable\n");
 #endif
 #if defined(__AVX512FP16__)
     __m512h p = _mm512_set1_ph((_Float16)1.0f);
@@ -80,7 +80,7 @@ int main(void)
     RUN("fp16-fma-avx512", __m512h, _mm512_set1_ph((_Float16)0.0f), _mm512_fmadd_ph(p, q, acc[i]), p, 64,
         (float)_mm512_reduce_add_ph(acc[i]))
 #else
-    printf("fp16-fma none 0\n");
+    printf("fp16-fma unavailable\n");
 #endif
     return 0;
 }
@@ -102,6 +102,25 @@ def build(tmp):
     return exe
 
 
+def parse_report(text):
+    """``{name: GFLOP/s}`` from the timing program's output; ``None`` for a format it lacks.
+
+    Each line is ``<name> <GFLOP/s> <checksum>``, or ``<format> unavailable`` where this CPU
+    (or compiler) has no such instruction - the usual case for bf16 / fp16 outside recent Intel
+    and AMD server parts, so it must not break the report.
+    """
+    report = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1] == 'unavailable':
+            report[fields[0]] = None
+        elif len(fields) == 3:
+            report[fields[0]] = float(fields[1])
+        elif fields:
+            raise ValueError(f'bench_cpu_peak: unexpected line from the timing program: {line!r}')
+    return report
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--cores', type=int, default=1, help='copies run at once (default 1)')
@@ -117,13 +136,16 @@ def main():
             procs = [subprocess.Popen([exe], stdout=subprocess.PIPE, text=True) for _ in range(args.cores)]
             for proc in procs:
                 out, _ = proc.communicate()
-                for line in out.splitlines():
-                    name, value, _ = line.split()
-                    best[name] = max(best.get(name, 0.0), float(value))
+                try:
+                    report = parse_report(out)
+                except ValueError as err:
+                    sys.exit(str(err))
+                for name, value in report.items():
+                    best[name] = value if best.get(name) is None else max(best[name], value or 0.0)
     print(f'peak multiply-add throughput per core, best of {args.repeats} rounds, {args.cores} core(s) busy:')
-    fp32 = next((v for k, v in best.items() if k.startswith('fp32') and v > 0), None)
+    fp32 = next((v for k, v in best.items() if k.startswith('fp32') and v), None)
     for name, value in best.items():
-        if value == 0:
+        if value is None:
             print(f'  {name.split("-")[0]}: not available (this CPU, or this compiler, lacks the instruction)')
             continue
         ratio = f'  ({value / fp32:.2f}x fp32)' if fp32 and not name.startswith('fp32') else ''

@@ -1,4 +1,5 @@
 """The benchmark scripts run (they are measured by hand, not timed here)."""
+import importlib.util
 import os
 import platform
 import re
@@ -47,6 +48,25 @@ def test_cpu_peak_reports_what_this_cpu_has():
         timed = re.search(rf'{name}-\S+\s+[\d.]+ GFLOP/s\s+\([\d.]+x fp32\)', out.stdout)
         assert bool(timed) == built, out.stdout
         assert (f'{name}: not available' in out.stdout) == (not built), out.stdout
+
+
+def _peak_module():
+    spec = importlib.util.spec_from_file_location('bench_cpu_peak', PEAK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_peak_report_of_a_cpu_without_bf16_or_fp16():
+    """What the timing program prints on an AVX2-only CPU (or a Zen 4 without AVX512-FP16) is
+    parsed, whatever this machine has: its 'unavailable' lines, taken from the C source itself."""
+    peak = _peak_module()
+    missing = re.findall(r'printf\("(\S+ unavailable)\\n"\)', peak._SOURCE)
+    assert {line.split()[0] for line in missing} == {'fp32-fma', 'bf16-dot', 'fp16-fma'}
+    report = peak.parse_report('fp32-fma-avx2 70.25 1.5e+07\n' + '\n'.join(missing[1:]) + '\n')
+    assert report == {'fp32-fma-avx2': 70.25, 'bf16-dot': None, 'fp16-fma': None}
+    with pytest.raises(ValueError, match='unexpected line'):
+        peak.parse_report('fp32-fma none\n')
 
 
 def test_cpu_peak_without_a_working_compiler_is_one_line():
