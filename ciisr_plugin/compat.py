@@ -305,13 +305,17 @@ def _resumable_sampler_class():
     from basicsr.data.data_sampler import EnlargedSampler
 
     class ResumableSampler(EnlargedSampler):
-        """``EnlargedSampler`` (same order) yielding :class:`SampleIndex` and, on the first
-        epoch after a resume, only the samples the saved iteration had not consumed."""
+        """``EnlargedSampler`` (same order) yielding :class:`SampleIndex` and, in the epoch
+        a run resumes in, only the samples the saved iteration had not consumed."""
 
         def __init__(self, dataset, num_replicas, rank, ratio=1):
             super().__init__(dataset, num_replicas, rank, ratio)
             self.seed = _train_session.get('seed')
-            self.skip = {}  # epoch -> samples of this rank to skip, used once
+            # epoch -> samples of this rank to skip. Kept for every pass over that epoch, not used
+            # up by the first: BasicSR's CPUPrefetcher builds a loader iterator before the train
+            # loop's set_epoch + reset, and with workers that throw-away iterator already draws
+            # indices; the loop's own pass over the resumed epoch must skip them again.
+            self.skip = {}
             resume, batch = _train_session.get('resume'), _train_session.get('batch_per_rank')
             if resume is not None:
                 epoch, it = resume
@@ -332,7 +336,7 @@ def _resumable_sampler_class():
 
         def __iter__(self):
             size, epoch = len(self.dataset), self.epoch
-            slots = self.slots()[self.skip.pop(epoch, 0):]
+            slots = self.slots()[self.skip.get(epoch, 0):]
             if self.seed is None:
                 return iter([v % size for v in slots])
             return iter([SampleIndex(v % size, (int(self.seed), epoch, v)) for v in slots])

@@ -173,9 +173,43 @@ def test_resumable_sampler_keeps_basicsr_order_and_skips_consumed_batches():
     full = compat.ResumableSampler(list(range(6)), 1, 0)
     full.set_epoch(2)
     assert list(sampler) == list(full)[2:]
-    assert list(sampler) == list(full)  # the skip is used once
+    assert list(sampler) == list(full)[2:]  # every pass over the resumed epoch skips them
+    sampler.set_epoch(3), full.set_epoch(3)
+    assert list(sampler) == list(full)  # later epochs are whole
     keys = [i.key for i in sampler]
-    assert keys[0][:2] == (3, 2) and sorted(k[2] for k in keys) == list(range(6))
+    assert keys[0][:2] == (3, 3) and sorted(k[2] for k in keys) == list(range(6))
+
+
+@pytest.mark.parametrize('workers', [0, 1])
+def test_resumed_epoch_behind_basicsr_prefetcher(workers):
+    """basicsr.train builds CPUPrefetcher(loader) (which calls iter(loader)) before the loop's
+    set_epoch + reset; with workers that first iterator already draws from the sampler. The
+    loop's pass must still start after the consumed batches (it restarted the epoch before)."""
+    from basicsr.data.prefetch_dataloader import CPUPrefetcher
+    from torch.utils.data import DataLoader
+
+    data = list(range(12))
+    full = compat.ResumableSampler(data, 1, 0)
+    full.set_epoch(0)
+    order = [int(i) for i in full]
+    compat._train_session.update(seed=3, batch_per_rank=2, resume=(0, 2))  # 2 of 6 batches done
+    try:
+        sampler = compat.ResumableSampler(data, 1, 0)
+    finally:
+        compat._train_session.clear()
+    loader = DataLoader(data, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
+    prefetcher = CPUPrefetcher(loader)
+    seen = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        prefetcher.reset()
+        batches = []
+        while (batch := prefetcher.next()) is not None:
+            batches.append(batch.tolist())
+        seen.append(batches)
+    assert sum(seen[0], []) == order[4:]
+    full.set_epoch(1)
+    assert sum(seen[1], []) == [int(i) for i in full]
 
 
 def test_sample_index_survives_pickling():
