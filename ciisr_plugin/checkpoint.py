@@ -205,11 +205,17 @@ def _to_plain(obj):
     return obj
 
 
+def is_authors_checkpoint(ckpt):
+    """Whether ``ckpt`` is a training checkpoint of the LIIF codebase (``{'model': {name, args, sd}}``)."""
+    return isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and {'name', 'args', 'sd'} <= set(
+        ckpt['model'])
+
+
 def identify(ckpt, source='checkpoint'):
     """``(network_opt, state_dict)`` of any supported checkpoint dict."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f'{source}: expected a dict checkpoint, got {type(ckpt).__name__}')
-    if isinstance(ckpt.get('model'), dict) and {'name', 'args', 'sd'} <= set(ckpt['model']):
+    if is_authors_checkpoint(ckpt):
         try:
             return convert_authors_checkpoint(ckpt)
         except KeyError as err:

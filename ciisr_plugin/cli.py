@@ -50,9 +50,12 @@ def _add_pipeline_arguments(parser):
 
 def _run_pipeline(args, command):
     from . import compat
-    from .config import direct_bases, load_options, validate_options, write_options
+    from .config import direct_bases, load_options, network_from_checkpoint, validate_options, write_options
 
     opt = load_options(args.opt)
+    taken = network_from_checkpoint(opt, args.opt)
+    if taken:
+        print(f'{PROG} {command}: {taken}', file=sys.stderr)
     validate_options(opt, args.opt, command)
     compat.set_dist_params(opt.get('dist_params'), opt.get('num_gpu'))
     if args.local_rank is not None:
@@ -64,11 +67,15 @@ def _run_pipeline(args, command):
         from basicsr.test import test_pipeline as pipeline
 
     bases, tmp_dir = direct_bases(args.opt), None
-    if bases is not None:
+    if bases is not None or taken:
         tmp_dir = tempfile.mkdtemp(prefix='basicsr-options-')
         # BasicSR copies the file it runs under its basename: keep the user's file name
-        header = [f'command: {shlex.join([PROG, command] + args.argv)}',
-                  f'options: {os.path.abspath(args.opt)} merged onto _base_ {", ".join(bases) or "(see that file)"}']
+        header = [f'command: {shlex.join([PROG, command] + args.argv)}']
+        if bases is not None:
+            header.append(f'options: {os.path.abspath(args.opt)} merged onto _base_ '
+                          f'{", ".join(bases) or "(see that file)"}')
+        if taken:
+            header.append(taken)
         opt_file = write_options(opt, os.path.join(tmp_dir, os.path.basename(args.opt)), header)
     else:
         opt_file = args.opt  # already what BasicSR should see; its copy keeps the user's comments

@@ -207,3 +207,75 @@ def suggest(name, known):
     if not close:
         return ''
     return ' (did you mean ' + ' or '.join(repr(by_lower[c]) for c in close) + '?)'
+
+
+# ----------------------------------------------------------------------------------------------
+# network options from the checkpoint
+# options that change how a network is evaluated, not what it computes
+_RENDER_ONLY_KEYS = {'chunk_size'}
+
+
+def network_from_checkpoint(opt, path):
+    """Reconcile ``network_g`` with the checkpoint in ``path.pretrain_network_g``.
+
+    Our checkpoints (and ``basicsr convert`` outputs, and the authors' training checkpoints)
+    say which network they hold. Without ``network_g`` in ``opt`` (absent, null or empty) it is
+    taken from the checkpoint; returns a line saying so, else None. When both are given, they
+    must describe the same network (unless ``strict_load_g: false`` asks for a partial load):
+    their options are compared with each arch's defaults filled in, and a difference is an
+    :class:`OptionsError` naming every differing key.
+    """
+    from .checkpoint import CheckpointError, identify, read_checkpoint
+
+    ckpt_path = (opt.get('path') or {}).get('pretrain_network_g')
+    given = opt.get('network_g')
+    if not ckpt_path or not isinstance(ckpt_path, str):
+        return None
+    if given not in (None, {}) and not isinstance(given, dict):
+        return None  # validate_options reports it
+    try:
+        stored, _ = identify(read_checkpoint(ckpt_path), ckpt_path)
+    except CheckpointError as err:
+        if given in (None, {}):
+            raise OptionsError(path, f'network_g is not given and path.pretrain_network_g cannot provide it: '
+                               f'{err}') from None
+        return None  # a checkpoint without options: BasicSR loads it into network_g as usual
+    if given in (None, {}):
+        opt['network_g'] = stored
+        encoder = stored.get('encoder')
+        encoder = f", encoder {encoder['type']}" if isinstance(encoder, dict) and 'type' in encoder else ''
+        return f"network_g taken from {ckpt_path} ({stored.get('type')}{encoder})"
+    if not opt['path'].get('strict_load_g', True):
+        return None  # a deliberate partial load (e.g. an encoder into another arch)
+    ours, theirs = _flat_effective(given), _flat_effective(stored)
+    differing = sorted(k for k in set(ours) | set(theirs)
+                       if ours.get(k, '(unset)') != theirs.get(k, '(unset)') and k.split('.')[-1] not in
+                       _RENDER_ONLY_KEYS)
+    if differing:
+        details = ', '.join(f'{k}: {ours.get(k, "(unset)")!r} here vs {theirs.get(k, "(unset)")!r}' for k in differing)
+        raise OptionsError(path, f'network_g differs from the network stored in {ckpt_path} ({details}); '
+                           'remove network_g to use the checkpoint\'s, or fix it')
+    return None
+
+
+def _flat_effective(network_opt, prefix=''):
+    """``{'encoder.num_block': 16, ...}``: the options as given, each registered arch's
+    constructor defaults filled in where an option is not given."""
+    import inspect
+
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    node = dict(network_opt)
+    if isinstance(node.get('type'), str) and node['type'] in ARCH_REGISTRY:
+        params = inspect.signature(ARCH_REGISTRY.get(node['type']).__init__).parameters
+        for name, param in params.items():
+            if name != 'self' and param.default is not inspect.Parameter.empty and param.kind not in (
+                    param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                node.setdefault(name, param.default)
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flat_effective(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
+    return flat

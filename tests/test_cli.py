@@ -338,3 +338,115 @@ def test_in_process_run_writes_its_own_log(workspace, first_run, monkeypatch):
     assert main(['train', '-opt', '../opts/train_tiny.yml', '--force_yml', 'name=tiny_inproc']) == 0
     log = next((workspace / 'run' / 'experiments' / 'tiny_inproc').glob('train_tiny_inproc_*.log')).read_text()
     assert 'Start training from epoch: 0, iter: 0' in log and 'Saving models and training states.' in log
+
+
+# ----------------------------------------------------------------------------------------------
+# basicsr test with the network taken from the checkpoint
+TINY_LIIF = {'type': 'LIIF', 'encoder': {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 2},
+             'hidden_list': [16, 16]}
+
+
+@pytest.fixture(scope='module')
+def checkpoint_only(tmp_path_factory):
+    """A self-describing LIIF checkpoint and an option file naming only it (no network_g)."""
+    from basicsr.archs import build_network
+    from ciisr_plugin.checkpoint import describe, save_atomic
+
+    root = tmp_path_factory.mktemp('checkpoint_only')
+    (root / 'hr').mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        img = cv2.resize(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8), (24, 24), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(root / 'hr' / f'im{i}.png'), img)
+    torch.manual_seed(3)
+    net = build_network(dict(TINY_LIIF, encoder=dict(TINY_LIIF['encoder'])))
+    save_atomic(describe(TINY_LIIF, net.state_dict()), root / 'tiny_liif.pth')
+    opt = {'name': 'from_ckpt', 'model_type': 'ArbitraryScaleSRModel', 'num_gpu': 0,
+           'datasets': {'test_1': {'name': 'tinyhr', 'type': 'ScaledHRImageDataset', 'dataroot_gt': str(root / 'hr'),
+                                   'io_backend': {'type': 'disk'}, 'scales': [2]}},
+           'path': {'pretrain_network_g': str(root / 'tiny_liif.pth')},
+           'val': {'save_img': False, 'metrics': {'psnr': {'type': 'calculate_psnr_liif', 'mode': 'div2k'}}}}
+    return root, opt
+
+
+def _test_run(root, opt, name, capsys):
+    path = root / f'{name}.yml'
+    path.write_text(yaml.safe_dump(dict(opt, name=name), sort_keys=False))
+    code = main(['test', '-opt', str(path)])
+    return code, capsys.readouterr().err
+
+
+def _logged_psnr(root, name):
+    log = next((root / 'results' / name).glob(f'test_{name}_*.log')).read_text()
+    return float(re.search(r'# psnr: ([0-9.]+)', log).group(1)), log
+
+
+def test_test_takes_network_g_from_the_checkpoint(checkpoint_only, capsys, monkeypatch):
+    root, opt = checkpoint_only
+    monkeypatch.chdir(root)
+    code, err = _test_run(root, opt, 'no_network_g', capsys)
+    assert code == 0, err[-3000:]
+    assert f"network_g taken from {root / 'tiny_liif.pth'} (LIIF, encoder EDSREncoder)" in err
+    taken, log = _logged_psnr(root, 'no_network_g')
+    assert "type: EDSREncoder" in log and 'Loading LIIF model from' in log
+    # the same checkpoint with network_g written out (defaults too) gives the same numbers
+    full = dict(TINY_LIIF, local_ensemble=True, chunk_size=777)
+    code, err = _test_run(root, dict(opt, network_g=full), 'with_network_g', capsys)
+    assert code == 0, err[-3000:]
+    assert 'taken from' not in err
+    assert _logged_psnr(root, 'with_network_g')[0] == taken
+
+
+@pytest.mark.parametrize('change, named', [
+    ({'local_ensemble': False}, "local_ensemble: False here vs True"),  # no parameter shows it: strict load passes
+    ({'encoder': {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 3}}, 'encoder.num_block: 3 here vs 2'),
+    ({'type': 'ALIIF', 'hidden_list': None}, "type: 'ALIIF' here vs 'LIIF'"),
+])
+def test_test_refuses_network_g_that_differs_from_the_checkpoint(checkpoint_only, capsys, monkeypatch, change,
+                                                                 named):
+    root, opt = checkpoint_only
+    monkeypatch.chdir(root)
+    network_g = {k: v for k, v in dict(TINY_LIIF, **change).items() if v is not None}
+    code, err = _test_run(root, dict(opt, network_g=network_g), 'differs', capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith('basicsr: error: ') and 'network_g differs from the network stored in' in line, err
+    assert named in line, line
+    assert not (root / 'results' / 'differs').exists()
+
+
+def test_test_without_network_g_and_a_checkpoint_without_options(checkpoint_only, capsys, monkeypatch):
+    root, opt = checkpoint_only
+    monkeypatch.chdir(root)
+    bare = root / 'bare.pth'
+    torch.save({'params': torch.load(root / 'tiny_liif.pth', weights_only=True)['params']}, bare)
+    code, err = _test_run(root, dict(opt, path={'pretrain_network_g': str(bare)}), 'bare', capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert 'network_g is not given and path.pretrain_network_g cannot provide it' in line
+    assert "without 'network_g' options" in line
+
+
+def test_test_runs_the_authors_checkpoint_without_network_g(checkpoint_only, capsys, monkeypatch, authors_fixture):
+    root, opt = checkpoint_only
+    monkeypatch.chdir(root)
+    case = authors_fixture('liif_edsr_baseline_x3.3.pt')
+    torch.save(case['checkpoint'], root / 'authors.pth')
+    code, err = _test_run(root, dict(opt, path={'pretrain_network_g': str(root / 'authors.pth')}), 'authors', capsys)
+    assert code == 0, err[-3000:]
+    assert 'network_g taken from' in err and '(LIIF, encoder EDSREncoder)' in err
+    psnr, log = _logged_psnr(root, 'authors')
+    assert "with param key: [authors' sd]" in log
+    # the logged PSNR is the authors' network's: recompute it with load_model + upscale
+    from ciisr_plugin import load_model
+    from ciisr_plugin.data.scaled_hr_dataset import ScaledHRImageDataset
+    from ciisr_plugin.metrics.psnr_liif_metric import calculate_psnr_liif
+    net = load_model(root / 'authors.pth')
+    ds = ScaledHRImageDataset({'dataroot_gt': str(root / 'hr'), 'scale': 2, 'phase': 'test'})
+    values = []
+    for i in range(len(ds)):
+        s = ds[i]
+        with torch.no_grad():
+            sr = net.upscale(s['lq'][None], size=s['gt'].shape[-2:])
+        values.append(calculate_psnr_liif(sr, s['gt'][None], scale=2, mode='div2k'))
+    assert abs(np.mean(values) - psnr) < 1e-3, (values, psnr)

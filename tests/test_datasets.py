@@ -101,6 +101,37 @@ def test_pixel_queries_point_at_their_gt_pixels(position_folder):
     assert len(seen) == 8  # hflip + rot give all 8 flips/transposes
 
 
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
+def test_cache_images_decodes_each_file_once_and_changes_no_sample(tmp_path, monkeypatch, dtype):
+    from ciisr_plugin import compat
+    from ciisr_plugin.data import data_util
+
+    folder = tmp_path / 'hr'
+    folder.mkdir()
+    for name, (h, w) in (('a', (64, 72)), ('b', (70, 64))):
+        img = position_image(h, w).astype(dtype) * (257 if dtype == np.uint16 else 1)
+        write_rgb(folder / f'{name}.png', img)
+    opt = {'dataroot_gt': str(folder), 'lq_size': 8, 'scale_max': 4, 'sample_q': 40, 'use_hflip': True,
+           'use_rot': True}
+    reads = []
+    real_read = data_util.ImageSource.read_path
+    monkeypatch.setattr(data_util.ImageSource, 'read_path', lambda self, path: reads.append(path) or
+                        real_read(self, path))
+    plain, cached = ArbitraryScaleImageDataset(opt), ArbitraryScaleImageDataset(dict(opt, cache_images=True))
+    keys = [compat.SampleIndex(k % 2, (0, 0, k)) for k in range(12)]
+    samples = [plain[k] for k in keys]
+    assert len(reads) == 12
+    reads.clear()
+    for key, expected in zip(keys, samples):
+        got = cached[key]
+        for name in ('lq', 'coord', 'cell', 'gt', 'scale'):
+            assert torch.equal(got[name], expected[name]), name
+    assert sorted(reads) == sorted(set(plain.source.paths))  # each file read once
+    assert all(not img.flags.writeable for img in cached.source.cache.values())  # nothing can alter them
+    with pytest.raises(ValueError, match='cache_images: expected true or false'):
+        ArbitraryScaleImageDataset(dict(opt, cache_images='yes'))
+
+
 def test_full_patch_lr_is_pil_bicubic_of_the_hr_crop(position_folder):
     random.seed(1)
     np.random.seed(1)

@@ -73,7 +73,10 @@ class ImageSource:
 
     Options (BasicSR style): ``<root_key>`` (``dataroot_gt``; ``skimage://train|val`` allowed),
     ``io_backend`` (``{type: disk}`` default, or ``{type: lmdb}``), ``meta_info_file``,
-    ``first_k`` (keep only the first k images, in sorted / listed order).
+    ``first_k`` (keep only the first k images, in sorted / listed order), ``cache_images``
+    (false; true keeps every decoded image in memory, per process, so each file is read and
+    decoded once: for small sets such as the bundled photos, where decoding a whole PNG costs
+    more than the training step's crop of it). Cached arrays are read-only.
     The FileClient is created on first read, inside the data-loader worker.
     """
 
@@ -84,6 +87,10 @@ class ImageSource:
         self.io_backend_opt = dict(opt.get('io_backend') or {'type': 'disk'})
         self.io_backend_opt.setdefault('type', 'disk')
         self.file_client = None
+        cache = opt.get('cache_images', False)
+        if not isinstance(cache, bool):
+            raise ValueError(f'cache_images: expected true or false, got {cache!r}')
+        self.cache = {} if cache else None  # index -> decoded image
         listed_here = names is None  # names given = paired to another source, which applied first_k
         if self.io_backend_opt['type'] == 'lmdb':
             self.io_backend_opt['db_paths'] = [self.folder]
@@ -120,7 +127,13 @@ class ImageSource:
     def read(self, index):
         """-> (native HxWx3 RGB array, path)."""
         path = self.paths[index]
-        return self.read_path(path), path
+        if self.cache is None:
+            return self.read_path(path), path
+        img = self.cache.get(index)
+        if img is None:
+            img = self.cache[index] = self.read_path(path)
+            img.setflags(write=False)  # shared by every later sample of this image
+        return img, path
 
 
 def paired_sources(opt, filename_tmpl='{}'):

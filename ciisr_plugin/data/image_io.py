@@ -82,7 +82,7 @@ def to_float01(img):
         return img.astype(np.float32) / np.float32(255)
     if img.dtype == np.uint16:
         return img.astype(np.float32) / np.float32(65535)
-    return img.astype(np.float32, copy=False)
+    return img.astype(np.float32, copy=not img.flags.writeable)  # a cached (read-only) image is never shared
 
 
 def read_bytes(path):

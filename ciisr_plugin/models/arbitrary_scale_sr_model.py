@@ -14,7 +14,8 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from ciisr_plugin.archs.fixed_scale_arch import pil_bicubic_resize
-from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, _to_plain, load_state_dict_exact,
+from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, _to_plain, convert_authors_checkpoint,
+                                     is_authors_checkpoint, load_state_dict_exact,
                                      read_checkpoint, save_atomic)
 from ciisr_plugin.results import write_results_report
 
@@ -211,7 +212,10 @@ class ArbitraryScaleSRModel(SRModel):
         naming the file, where 1.4.2 ends in a trace (``pretrain_network_*``, resume)."""
         net = self.get_bare_model(net)
         ckpt = read_checkpoint(load_path)
-        if param_key is not None:
+        if is_authors_checkpoint(ckpt):  # the LIIF / A-LIIF authors' layout, renamed to ours
+            _, ckpt = convert_authors_checkpoint(ckpt)
+            param_key = "authors' sd"
+        elif param_key is not None:
             if not isinstance(ckpt, dict):
                 raise CheckpointError(f'{load_path}: expected a dict checkpoint, got {type(ckpt).__name__}')
             if param_key not in ckpt and 'params' in ckpt:
