@@ -251,11 +251,12 @@ def load_model(path_or_dict, device='cpu', allow_pickle=False):
     """Build and load a model from a checkpoint path or an already-loaded dict.
 
     Accepts this plugin's checkpoints (``params``/``params_ema`` + ``network_g``; EMA weights
-    preferred) and the LIIF / A-LIIF authors' training checkpoints. Returns the network in
-    eval mode on ``device``.
+    preferred), the LIIF / A-LIIF authors' training checkpoints and zoo names (``zoo://NAME``
+    or ``NAME``, see :mod:`ciisr_plugin.zoo`). Returns the network in eval mode on ``device``.
     """
     if isinstance(path_or_dict, (str, os.PathLike)):
-        source = os.fspath(path_or_dict)
+        from .zoo import resolve
+        source = os.fspath(resolve(path_or_dict))  # 'zoo://NAME' / a zoo name -> the cached weights
         ckpt = read_checkpoint(source, allow_pickle)
     else:
         source, ckpt = 'checkpoint', path_or_dict
@@ -272,6 +273,8 @@ def load_model(path_or_dict, device='cpu', allow_pickle=False):
 def convert(src, dst, allow_pickle=False):
     """Write ``src`` (any format :func:`load_model` reads) as our self-describing checkpoint,
     usable as BasicSR's ``pretrain_network_g``. Written to a temporary name, then renamed."""
+    from .zoo import resolve
+    src = resolve(src)
     ckpt = read_checkpoint(src, allow_pickle)
     network_opt, state_dict = identify(ckpt, src)
     net = build_network(network_opt)

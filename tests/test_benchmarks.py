@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ciisr_plugin.archs import fused_cpu
 from conftest import REPO
@@ -83,3 +84,19 @@ def test_cpu_peak_refuses_nothing_to_run(option):
     out = subprocess.run([sys.executable, PEAK, option, '0'], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == ''
     assert f'{option} must be at least 1, got 0' in out.stderr.strip().splitlines()[-1]
+
+
+def test_gpu_check_runs_its_checks(tmp_path):
+    """The prepared CUDA check, run small on the CPU: every check runs and passes here too."""
+    script = str(REPO / 'benchmarks' / 'gpu_check.py')
+    out = subprocess.run([sys.executable, script, '--device', 'cpu', '--quick'], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith('[')]
+    assert [line.split(']')[1].split(':')[0].strip() for line in lines] == [
+        'fixtures', 'train', 'tiling', 'bf16', 'speed'], out.stdout
+    assert all(line.startswith('[PASS]') for line in lines), out.stdout
+    assert 'aliif_edsr_baseline_x3.pt' in out.stdout and 'liif_edsr_baseline_x3.3.pt' in out.stdout
+    if not torch.cuda.is_available():  # without CUDA the real run says so in one line
+        cuda = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+        assert cuda.returncode != 0 and 'CUDA is not available' in cuda.stderr

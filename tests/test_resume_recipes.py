@@ -3,9 +3,9 @@ equal an uninterrupted run's.
 
 ``test_reliability.py`` checks the machinery on a tiny hand-written option file; this drives the
 option files users run (the LIIF and A-LIIF demos, LIIF-GAN's paper recipe), shortened with
-``--force_yml`` only: data-loader workers as shipped (1) and 0, EMA on, the discriminator and its
-optimizer, and kills during the first iterations (before any state exists), mid-epoch, while a
-state or model is being written, and during validation.
+``--force_yml`` only: no data-loader workers (as the demos ship) and one, EMA on, the
+discriminator and its optimizer, and kills during the first iterations (before any state exists),
+mid-epoch, while a state or model is being written, and during validation.
 
 Each run is a real ``basicsr train`` in a fresh interpreter, started through a wrapper that writes
 every ``torch.save`` in slow chunks and announces validation on stderr, so that a kill can land
@@ -179,8 +179,8 @@ def check_kill_and_resume(home, tmp_path, recipe, forced, kills, nets=('g', )):
 
 
 def test_liif_demo_recipe_resumes_exactly(home, tmp_path):
-    """The README's demo as shipped (one data-loader worker), killed at five points."""
-    forced = ['name=resume_liif_demo', *DEMO_SHORT]
+    """The README's demo, with a data-loader worker (it ships with none), killed at five points."""
+    forced = ['name=resume_liif_demo', *DEMO_SHORT, 'datasets:train:num_worker_per_gpu=1']
     kills = [
         after_iter(1),                  # first iterations: no state yet, starts over
         writing(r'3\.state'),           # writing the first training state (mid-epoch: iteration 3)
@@ -192,8 +192,8 @@ def test_liif_demo_recipe_resumes_exactly(home, tmp_path):
     assert 3 in starts and 6 in starts, starts  # mid-epoch 0 and mid-epoch 1
 
 
-def test_aliif_demo_with_ema_and_no_workers_resumes_exactly(home, tmp_path):
-    forced = ['name=resume_aliif_demo', *DEMO_SHORT, 'train:ema_decay=0.9', 'datasets:train:num_worker_per_gpu=0']
+def test_aliif_demo_with_ema_resumes_exactly(home, tmp_path):
+    forced = ['name=resume_aliif_demo', *DEMO_SHORT, 'train:ema_decay=0.9']  # loads in-process, as shipped
     starts = check_kill_and_resume(home, tmp_path, 'options/demo/train_aliif_demo.yml', forced,
                                    [after_iter(4), validating(1)])
     assert starts == [3, 6], starts

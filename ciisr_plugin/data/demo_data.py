@@ -100,6 +100,24 @@ def prepare_skimage_dataroot(root, names=None):
     return out
 
 
+def skimage_photo_file(spec):
+    """``skimage://NAME`` -> a PNG of that bundled photo (written once under :func:`data_home`);
+    anything else -> None. Lets every command that reads image files take the bundled photos."""
+    spec = str(spec)
+    if not spec.startswith(SKIMAGE_SCHEME):
+        return None
+    name = spec[len(SKIMAGE_SCHEME):].strip('/')
+    if name not in _LOADERS:
+        raise ValueError(f"'{spec}': unknown scikit-image photo, available: "
+                         f"{', '.join(SKIMAGE_SCHEME + n for n in SKIMAGE_PHOTOS)}")
+    folder = osp.join(data_home(), 'skimage_photos')
+    os.makedirs(folder, exist_ok=True)
+    path = osp.join(folder, f'{name}.png')
+    if not osp.isfile(path):
+        _write_png(load_skimage_photo(name), path)
+    return path
+
+
 def resolve_dataroot(path, option_name='dataroot_gt'):
     """``skimage://train`` / ``skimage://val`` -> a prepared cache folder; other paths unchanged."""
     if path is None:

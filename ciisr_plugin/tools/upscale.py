@@ -2,9 +2,10 @@
 
     basicsr upscale INPUT... -o OUT --model CKPT (--scale S | --scale SHxSW | --size WxH)
                     [--device cpu|cuda] [--tile N] [--halo N] [--precision fp32|bf16]
-                    [--allow-pickle] [--force]
+                    [--compare] [--from-hr] [--allow-pickle] [--force]
 
-INPUT is image files and/or folders (their images, not recursive). With one input file, OUT
+INPUT is image files and/or folders (their images, not recursive), or ``skimage://NAME`` for a
+photo bundled with scikit-image (e.g. ``skimage://chelsea``). With one input file, OUT
 may be a file name whose extension picks the format (PNG, JPEG, WebP, TIFF, BMP); otherwise
 OUT is a folder and each output keeps its input's name. The RGB channels go through the
 model; an alpha channel is upscaled bicubically and re-attached; grayscale stays grayscale
@@ -54,6 +55,11 @@ def add_arguments(parser):
                         help='bf16 runs the networks in bfloat16 (faster on CPUs with bf16 / AMX and on GPUs)')
     parser.add_argument('--allow-pickle', action='store_true',
                         help='allow unpickling arbitrary objects in the checkpoint (only for files you trust)')
+    parser.add_argument('--compare', action='store_true',
+                        help='also write OUT_compare.png: a detailed crop, bicubic | model (| original with --from-hr)')
+    parser.add_argument('--from-hr', action='store_true',
+                        help='the inputs are originals: shrink each by the scale (bicubic) first and upscale back '
+                        'to its size, so the result (and --compare, with PSNRs) can be judged against it')
     parser.add_argument('--force', action='store_true',
                         help=f'allow outputs over {MAX_OUTPUT_PIXELS / 1e6:.0f} megapixels (16384 x 16384)')
 
@@ -195,10 +201,14 @@ def write_atomic(path, array):
 # ----------------------------------------------------------------------------------------------
 # planning: every check before any work
 def _collect_inputs(inputs):
+    from ..data.demo_data import skimage_photo_file
     from ..data.image_io import is_image_file
     files = []
     for item in inputs:
-        if os.path.isdir(item):
+        photo = skimage_photo_file(item)
+        if photo is not None:  # skimage://NAME: a photo bundled with scikit-image
+            files.append(photo)
+        elif os.path.isdir(item):
             found = sorted(os.path.join(item, n) for n in os.listdir(item)
                            if is_image_file(n) and os.path.isfile(os.path.join(item, n)))
             if not found:
@@ -215,7 +225,7 @@ def plan(inputs, output):
     """[(source, destination)] for ``inputs`` and ``-o output``."""
     files = _collect_inputs(inputs)
     ext = os.path.splitext(output)[1].lower()
-    single_file = len(inputs) == 1 and os.path.isfile(inputs[0])
+    single_file = len(inputs) == 1 and not os.path.isdir(inputs[0])
     if not os.path.isdir(output) and ext:
         if ext not in WRITABLE and (ext in _image_extensions() or single_file):
             raise UpscaleError(f"-o {output}: cannot write '{ext}' images; use one of {', '.join(WRITABLE)}")
@@ -331,17 +341,27 @@ def _run(args):
         raise UpscaleError(f'--tile must be a positive number of pixels, got {args.tile}')
     if args.halo is not None and args.halo < 0:
         raise UpscaleError(f'--halo must be >= 0, got {args.halo}')
+    if args.from_hr and scale is None:
+        raise UpscaleError('--from-hr needs --scale (the input is shrunk by it, then upscaled back to its size)')
     device = _device(args.device)
     jobs = plan(args.inputs, args.output)
     sizes = []
     for src, dst in jobs:
-        out_size = output_size(image_size(src), scale, size)
+        in_hw = image_size(src)
+        if args.from_hr:
+            lr_hw = _shrunk_size(in_hw, scale)
+            if min(lr_hw) < 1 or lr_hw == tuple(in_hw):
+                raise UpscaleError(f'{src}: --from-hr at scale {args.scale} leaves a {lr_hw[1]}x{lr_hw[0]} input')
+        out_size = tuple(in_hw) if args.from_hr else output_size(in_hw, scale, size)
         _check_size(dst, out_size, args.force)
+        if args.compare:
+            _check_size(compare_path(dst), out_size, args.force)
         sizes.append(out_size)
 
     from .. import allocator
     from ..checkpoint import load_model
     from ..inference import cpu_has_amx, cpu_has_bf16_matmul
+    from ..zoo import zoo_name
     if args.precision == 'bf16' and device.type == 'cpu' and cpu_has_amx() is False:
         if cpu_has_bf16_matmul():
             print(f'{PROG}: note: this CPU has no AMX, so --precision bf16 is not faster than fp32 here',
@@ -353,7 +373,9 @@ def _run(args):
     net = load_model(args.model, device=device, allow_pickle=args.allow_pickle)
 
     for (src, dst), out_size in zip(jobs, sizes):
-        picture = read_picture(src)
+        picture = original = read_picture(src)
+        if args.from_hr:
+            picture = shrink_picture(original, _shrunk_size(original.rgb.shape[:2], scale))
         ext = os.path.splitext(dst)[1].lower()
         with tqdm(total=out_size[0] * out_size[1], desc=os.path.basename(src), unit='px', unit_scale=True,
                   leave=False, disable=None) as bar:
@@ -362,4 +384,88 @@ def _run(args):
         os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
         write_atomic(dst, array)
         print(f'{src} -> {dst} ({out_size[1]}x{out_size[0]})')
+        if args.compare:
+            label = os.path.basename(args.model) if zoo_name(args.model) is None else zoo_name(args.model)
+            figure = compare_path(dst)
+            summary = write_comparison(figure, picture, _as_rgb_unit(array, picture), label,
+                                       original if args.from_hr else None)
+            print(f'{figure}: {summary}')
     return 0
+
+
+def _shrunk_size(hw, scale):
+    return max(1, round(hw[0] / scale[0])), max(1, round(hw[1] / scale[1]))
+
+
+def shrink_picture(picture, size):
+    """``picture`` made smaller by bicubic interpolation (PIL's, as the training data), kept in
+    its dtype, as if stored at that size."""
+    from ..data.resize import bicubic_resize_native
+    rgb = picture.rgb if picture.rgb.dtype == np.uint8 else _to_unit(picture.rgb)
+    small = bicubic_resize_native(rgb, size)
+    if picture.rgb.dtype == np.uint16:
+        small = _convert(small, np.uint16)
+    return Picture(small, None, picture.gray)
+
+
+def compare_path(dst):
+    stem, _ = os.path.splitext(dst)
+    return f'{stem}_compare.png'
+
+
+def _as_rgb_unit(array, picture):
+    """The written output array (BGR[A] / gray) back to RGB floats in [0, 1]."""
+    unit = _to_unit(array)
+    if unit.ndim == 2:
+        return np.repeat(unit[:, :, None], 3, axis=2)
+    return unit[:, :, 2::-1] if unit.shape[2] >= 3 else unit
+
+
+def _psnr(a, b):
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float('inf') if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def write_comparison(path, low, model_rgb, label, original=None):
+    """A figure of the most detailed crop of the output: the input (nearest), bicubic, the model
+    and, when known, the original, with PSNRs over the whole image. Written atomically."""
+    import cv2
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+
+    from ..data.resize import bicubic_resize
+    out_h, out_w = model_rgb.shape[:2]
+    low_rgb = _to_unit(low.rgb)
+    bicubic = bicubic_resize(low_rgb, (out_h, out_w))
+    nearest = cv2.resize(low_rgb, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+    reference = None if original is None else _to_unit(original.rgb)
+    # the crop with the most detail (gradient energy) in the reference, else the model output
+    side = min(160, out_h, out_w)
+    gray = (reference if reference is not None else model_rgb).mean(axis=2).astype(np.float32)
+    energy = cv2.blur(np.abs(cv2.Sobel(gray, cv2.CV_32F, 1, 0)) + np.abs(cv2.Sobel(gray, cv2.CV_32F, 0, 1)),
+                      (side, side))
+    half = side // 2
+    valid = energy[half:out_h - (side - half) + 1, half:out_w - (side - half) + 1]
+    top, left = np.unravel_index(int(np.argmax(valid)), valid.shape)
+    panels = [('input (nearest)', nearest, None), ('bicubic', bicubic, None), (label, model_rgb, None)]
+    if reference is not None:
+        panels = [(name, img, _psnr(np.clip(img, 0, 1), reference)) for name, img, _ in panels[1:]]
+        panels.append(('original', reference, None))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4), dpi=100)
+    for ax, (name, img, psnr) in zip(axes, panels):
+        ax.imshow(np.clip(img[top:top + side, left:left + side], 0, 1), interpolation='nearest')
+        ax.set_title(name if psnr is None else f'{name}\n{psnr:.2f} dB', fontsize=9)
+        ax.axis('off')
+    scale = f'{out_h / low_rgb.shape[0]:.3g}x{out_w / low_rgb.shape[1]:.3g}'
+    fig.suptitle(f'{low_rgb.shape[1]}x{low_rgb.shape[0]} -> {out_w}x{out_h} (x{scale}), crop {side}x{side} at '
+                 f'({left}, {top})', fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))  # room for the title above two-line panel titles
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png')
+    plt.close(fig)
+    from ..checkpoint import atomic_write
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    if reference is None:
+        return 'bicubic | model'
+    return ', '.join(f'{name} {psnr:.2f} dB' for name, _, psnr in panels if psnr is not None)
