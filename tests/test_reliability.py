@@ -62,24 +62,33 @@ TRAIN_OPT = {
     'dist_params': {'backend': 'gloo', 'port': 29500},
 }
 
-# torch.save in small slow chunks, announced on stderr: lets the test kill mid-write
+# torch.save in small slow chunks (SLOW_SAVE_CHUNK bytes, every 10 ms), announced on stderr, and
+# validation announced too (then 0.3 s of sleep): lets the tests kill mid-write or mid-validation
 SLOW_SAVE = """\
 import io, os, sys, time
 import torch
 import ciisr_plugin
 from ciisr_plugin import cli
+from ciisr_plugin.models.arbitrary_scale_sr_model import ArbitraryScaleSRModel
+CHUNK = int(os.environ.get('SLOW_SAVE_CHUNK', 2048))
 _save = torch.save
 def slow_save(obj, f, *args, **kwargs):
     buf = io.BytesIO()
     _save(obj, buf, *args, **kwargs)
     data = buf.getvalue()
     print(f'@@ writing {os.path.basename(f.name)}', file=sys.stderr, flush=True)
-    for i in range(0, len(data), 2048):
-        f.write(data[i:i + 2048])
+    for i in range(0, len(data), CHUNK):
+        f.write(data[i:i + CHUNK])
         f.flush()
         time.sleep(0.01)
     print(f'@@ wrote {os.path.basename(f.name)}', file=sys.stderr, flush=True)
 torch.save = slow_save
+_validate = ArbitraryScaleSRModel.nondist_validation
+def announced_validation(self, *args, **kwargs):
+    print('@@ validating', file=sys.stderr, flush=True)
+    time.sleep(0.3)
+    return _validate(self, *args, **kwargs)
+ArbitraryScaleSRModel.nondist_validation = announced_validation
 sys.exit(cli.main(sys.argv[1:]))
 """
 

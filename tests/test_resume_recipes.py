@@ -23,33 +23,8 @@ import torch
 
 from conftest import REPO
 from test_liifgan import _random_alexnet_features_state, _random_vgg19_state
+from test_reliability import SLOW_SAVE
 
-WRAPPER = """\
-import io, os, sys, time
-import torch
-import ciisr_plugin
-from ciisr_plugin import cli
-from ciisr_plugin.models.arbitrary_scale_sr_model import ArbitraryScaleSRModel
-_save = torch.save
-def slow_save(obj, f, *args, **kwargs):
-    buf = io.BytesIO()
-    _save(obj, buf, *args, **kwargs)
-    data = buf.getvalue()
-    print(f'@@ writing {os.path.basename(f.name)}', file=sys.stderr, flush=True)
-    for i in range(0, len(data), 1 << 16):
-        f.write(data[i:i + (1 << 16)])
-        f.flush()
-        time.sleep(0.02)
-    print(f'@@ wrote {os.path.basename(f.name)}', file=sys.stderr, flush=True)
-torch.save = slow_save
-_validate = ArbitraryScaleSRModel.nondist_validation
-def announced_validation(self, *args, **kwargs):
-    print('@@ validating', file=sys.stderr, flush=True)
-    time.sleep(0.3)
-    return _validate(self, *args, **kwargs)
-ArbitraryScaleSRModel.nondist_validation = announced_validation
-sys.exit(cli.main(sys.argv[1:]))
-"""
 
 # `[epoch:  1, iter:       7, lr:(5.000e-04,)] [eta: ..., time (data): ...] l_pix: 1.2e-01 ...`
 LOG_LINE = re.compile(r'\[epoch:\s*(\d+), iter:\s*([\d,]+), lr:\(([^)]*)\)\]\s*\[[^]]*\]\s*(.*)')
@@ -74,7 +49,8 @@ def _logged(text):
 
 def _env(torch_home):
     env = {k: v for k, v in os.environ.items() if k != 'CIISR_TRACEBACK'}
-    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore', TORCH_HOME=str(torch_home))
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore', TORCH_HOME=str(torch_home),
+               SLOW_SAVE_CHUNK=str(1 << 16))  # the recipes' checkpoints are larger than the tiny ones'
     return env
 
 
@@ -86,7 +62,7 @@ def home(tmp_path_factory):
     checkpoints.mkdir(parents=True)
     torch.save(_random_vgg19_state(), checkpoints / 'vgg19-dcbb9e9d.pth')
     torch.save(_random_alexnet_features_state(), checkpoints / 'alexnet-owt-7be5be79.pth')
-    (root / 'wrapper.py').write_text(WRAPPER)
+    (root / 'wrapper.py').write_text(SLOW_SAVE)
     return root
 
 
@@ -131,7 +107,7 @@ def writing(name, chunks=1):
         if not m:
             return False
         point.since = getattr(point, 'since', time.monotonic())
-        return time.monotonic() - point.since >= chunks * 0.02
+        return time.monotonic() - point.since >= chunks * 0.01
     return point
 
 
