@@ -96,10 +96,9 @@ class PointwiseBasis(nn.Module):
         Without autograd: one multiply-add per basis on (M, out) slices (a single broadcast
         multiply over the (M, K, out) view, then a sum, measured ~1.8x slower on CPU for
         inference: out = 16 is too short an inner loop). With autograd, the broadcast form:
-        each slice's backward writes a zero-filled (M, K * out) gradient, ten full passes per
-        call, which made A-LIIF's training step ~3x LIIF's (measured 34 vs 6 ms forward +
-        backward at M = 32768, K = 10). Float32 even under bf16 autocast (CPU's bf16
-        elementwise ops are slower)."""
+        each slice's backward writes a zero-filled (M, K * out) gradient, K full passes per
+        call (measured 34 vs 6 ms forward + backward at M = 32768, K = 10). Float32 even under
+        bf16 autocast (CPU's bf16 elementwise ops are slower)."""
         stacked, coeff = stacked.float(), coeff.float()
         width = stacked.shape[1] // self.num_basis
         if torch.is_grad_enabled() and (stacked.requires_grad or coeff.requires_grad):

@@ -15,8 +15,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 
 from ciisr_plugin.archs.fixed_scale_arch import pil_bicubic_resize
 from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, _to_plain, convert_authors_checkpoint,
-                                     is_authors_checkpoint, load_state_dict_exact,
-                                     read_checkpoint, save_atomic)
+                                     is_authors_checkpoint, load_state_dict_exact, read_checkpoint, save_atomic)
 from ciisr_plugin.results import write_results_report
 
 # Metrics that follow the LIIF paper's float protocol take the float RGB tensors in [0, 1]

@@ -354,8 +354,6 @@ def _run(args):
                 raise UpscaleError(f'{src}: --from-hr at scale {args.scale} leaves a {lr_hw[1]}x{lr_hw[0]} input')
         out_size = tuple(in_hw) if args.from_hr else output_size(in_hw, scale, size)
         _check_size(dst, out_size, args.force)
-        if args.compare:
-            _check_size(compare_path(dst), out_size, args.force)
         sizes.append(out_size)
 
     from .. import allocator
