@@ -15,6 +15,9 @@ import torch
 
 from basicsr.archs import build_network
 
+from .config import to_plain
+from .fileio import atomic_write
+
 NETWORK_OPT_KEY = 'network_g'
 
 
@@ -196,15 +199,6 @@ def describe(network_opt, params, params_ema=None):
     return ckpt
 
 
-def _to_plain(obj):
-    """OrderedDicts and friends from YAML -> plain dicts/lists (weights_only-loadable)."""
-    if isinstance(obj, dict):
-        return {str(k): _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    return obj
-
-
 def is_authors_checkpoint(ckpt):
     """Whether ``ckpt`` is a training checkpoint of the LIIF codebase (``{'model': {name, args, sd}}``)."""
     return isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and {'name', 'args', 'sd'} <= set(
@@ -223,7 +217,7 @@ def identify(ckpt, source='checkpoint'):
     if NETWORK_OPT_KEY in ckpt:
         for key in ('params_ema', 'params'):
             if isinstance(ckpt.get(key), dict):
-                return _to_plain(ckpt[NETWORK_OPT_KEY]), ckpt[key]
+                return to_plain(ckpt[NETWORK_OPT_KEY]), ckpt[key]
         raise CheckpointError(f"{source}: has '{NETWORK_OPT_KEY}' but no 'params' / 'params_ema' state dict")
     if 'params' in ckpt or 'params_ema' in ckpt:
         raise CheckpointError(f"{source}: a BasicSR checkpoint without '{NETWORK_OPT_KEY}' options; build the "
@@ -281,23 +275,6 @@ def convert(src, dst, allow_pickle=False):
     load_state_dict_exact(net, state_dict, src)  # validate before writing anything
     save_atomic(describe(network_opt, net.state_dict()), dst)
     return network_opt
-
-
-def atomic_write(path, write):
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it and rename it onto
-    ``path``: a reader (or a resumed run) never sees a half-written file, even after a kill."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_atomic(obj, path):

@@ -6,9 +6,10 @@ attributes (the originals are kept: :func:`original`), is applied once by :func:
 that fails without it.
 
 1. ``torchvision.transforms.functional_tensor`` shim - basicsr#650.
-2. ``basicsr.train.load_resume_state``: resume onto the CPU when ``num_gpu`` is 0 or there
-   is no CUDA (1.4.2 always maps the state onto ``torch.cuda.current_device()``), and look
-   for ``--auto_resume`` states where this run saves them. No upstream issue found.
+2. ``basicsr.train.load_resume_state`` -> :func:`resume.load_resume_state`: resume onto the
+   CPU when ``num_gpu`` is 0 or there is no CUDA (1.4.2 always maps the state onto
+   ``torch.cuda.current_device()``), and look for ``--auto_resume`` states where this run
+   saves them, skipping incomplete ones. No upstream issue found.
 3. ``basicsr.utils.options.init_dist`` (and ``dist_util.init_dist``): ``--launcher pytorch``
    honours ``dist_params.backend``, defaults to gloo without CUDA, and picks the CUDA device
    from torchrun's ``LOCAL_RANK``; 1.4.2 hard-codes nccl and divides by the GPU count.
@@ -20,20 +21,24 @@ that fails without it.
    No upstream issue found in XPixelGroup/BasicSR (reported downstream, xinntao/Real-ESRGAN#766).
 6. ``PerceptualLoss(criterion='l2')`` crashed on ``torch.nn.L2loss``: basicsr#515,
    fixed upstream after 1.4.2 by PR #570 (MSELoss).
-7. ``basicsr.train.EnlargedSampler`` -> :class:`ResumableSampler`: after a resume, 1.4.2's
-   train loop restarts the interrupted epoch from its first batch (replaying batches it
-   already trained on while ``current_iter`` goes on), so a resumed run sees other data
-   than an uninterrupted one. The sampler skips the batches the saved iteration already
-   consumed, keeps 1.4.2's order otherwise, and names every draw ``(seed, epoch, slot)``
-   (:class:`SampleIndex`) so that datasets can derive their per-sample randomness from it
-   instead of a global RNG (same sample whatever the worker count, rank split or resume).
-   No upstream issue found. ``load_resume_state`` (fix 2) hands it the resume position.
+7. ``basicsr.train.EnlargedSampler`` -> :class:`resume.ResumableSampler`: after a resume,
+   1.4.2's train loop restarts the interrupted epoch from its first batch (replaying batches it
+   already trained on while ``current_iter`` goes on), so a resumed run sees other data than an
+   uninterrupted one. The sampler skips the batches the saved iteration already consumed, keeps
+   1.4.2's order otherwise, and names every draw ``(seed, epoch, slot)`` so that datasets can
+   derive their per-sample randomness from it instead of a global RNG (same sample whatever
+   the worker count, rank split or resume). No upstream issue found. Fix 8 hands it the run's
+   seed and resume position.
 8. ``basicsr.train.create_train_val_dataloader``: 1.4.2 counts ``ceil(len / batch)``
    iterations per epoch while the loader drops the last partial batch, so when the batch
    does not divide the data the run stops before ``total_iter`` (it only got there after a
    resume by replaying an epoch, which fix 7 removes). The epoch count is recomputed from
-   the loader's real length; a train set without one full batch is an error. No upstream
-   issue found.
+   the loader's real length; a train set without one full batch is an error. It also gives
+   fix 7's sampler the seed and resume position (:func:`resume.prepare_train_sampler`). No
+   upstream issue found.
+
+The resume machinery itself (fixes 2 and 7, and the RNG states the model saves) lives in
+:mod:`ciisr_plugin.resume`; this module only installs it.
 
 Checked, needs no fix: torch>=2.6 loads with ``weights_only=True`` by default; BasicSR's
 ``.state`` files (optimizer + scheduler state dicts, including MultiStepRestartLR's
@@ -49,11 +54,7 @@ import warnings
 
 _applied = False
 _originals = {}  # (owner, attribute name) -> the BasicSR object a fix replaced
-ResumableSampler = None  # defined by apply(): its base class needs basicsr, importable only after fix 1
 _dist_hint = {'backend': None, 'num_gpu': None}
-# this process's training run, set by load_resume_state (called once per train_pipeline, just
-# before the train sampler is built): seed, batch_per_rank, resume (epoch, iter) or None
-_train_session = {}
 
 
 def original(owner, name):
@@ -84,99 +85,6 @@ def _shim_functional_tensor():
     shim = types.ModuleType(name)
     shim.rgb_to_grayscale = functional.rgb_to_grayscale
     sys.modules[name] = shim
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. resume on CPU (no upstream issue found)
-def resume_device(opt):
-    """Where a training state is loaded: the current CUDA device, or the CPU when the run
-    uses no GPU (``num_gpu: 0``) or CUDA is unavailable."""
-    import torch
-    if opt.get('num_gpu', 0) != 0 and torch.cuda.is_available():
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device('cpu')
-
-
-def load_resume_state(opt):
-    """``basicsr.train.load_resume_state`` loading onto :func:`resume_device`.
-
-    1.4.2 maps every state onto ``torch.cuda.current_device()``, which fails without CUDA.
-    With ``--auto_resume`` it searches ``opt['path']['training_states']`` (where
-    ``save_training_state`` writes them, under the run's root) rather than a path relative
-    to the working directory, and takes the newest state that is complete: ``<iter>.state``
-    files only (a killed run's ``.<name>.tmp<pid>`` leftovers are ignored), skipping, with a
-    warning, one that does not load or whose ``net_*_<iter>.pth`` is truncated.
-    The states hold only tensors, numbers, lists and a ``collections.Counter``, so they load
-    with ``weights_only=True``. The resume position is handed to :class:`ResumableSampler`.
-    """
-    from basicsr.utils import check_resume
-
-    resume_state = None
-    if opt['auto_resume']:
-        state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
-        resume_state = _newest_complete_state(opt, state_dir)
-    elif opt['path'].get('resume_state'):
-        path = opt['path']['resume_state']
-        resume_state = _read_state(path, resume_device(opt))
-        if isinstance(resume_state, str):
-            raise ValueError(f"path.resume_state '{path}': {resume_state}")
-    _train_session.clear()
-    _train_session.update(seed=opt.get('manual_seed'), batch_per_rank=_batch_per_rank(opt),
-                          resume=None if resume_state is None else (resume_state['epoch'], resume_state['iter']))
-    if resume_state is None:
-        return None
-    check_resume(opt, resume_state['iter'])
-    return resume_state
-
-
-def _read_state(path, device):
-    """The training state at ``path``, or a string saying why it cannot be used."""
-    import pickle
-    import torch
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        return f'not a readable training state ({" ".join(str(err).split())[:200] or type(err).__name__})'
-    if not isinstance(state, dict) or not {'epoch', 'iter', 'optimizers', 'schedulers'} <= set(state):
-        return 'not a BasicSR training state (needs epoch, iter, optimizers, schedulers)'
-    return state
-
-
-def _newest_complete_state(opt, state_dir):
-    import re
-    import zipfile
-
-    if not os.path.isdir(state_dir):
-        return None
-    iters = sorted((int(name[:-len('.state')]) for name in os.listdir(state_dir)
-                    if re.fullmatch(r'\d+\.state', name)), reverse=True)
-    models_dir = opt['path'].get('models') or os.path.join(os.path.dirname(state_dir), 'models')
-    ignored = opt['path'].get('ignore_resume_networks') or []
-    networks = [k[len('network_'):] for k in opt if k.startswith('network_') and k not in ignored]
-    for it in iters:
-        path = os.path.join(state_dir, f'{it}.state')
-        # torch checkpoints are zip archives whose directory sits at the end: a truncated
-        # file is not a zip file (checked without reading the weights). A missing one is
-        # reported by BasicSR's load_network.
-        nets = [os.path.join(models_dir, f'net_{n}_{it}.pth') for n in networks]
-        bad = [os.path.basename(p) for p in nets if os.path.exists(p) and not zipfile.is_zipfile(p)]
-        state = f'truncated {", ".join(bad)}' if bad else _read_state(path, resume_device(opt))
-        if isinstance(state, str):
-            warnings.warn(f'auto_resume: skipping {path}: {state}')
-            continue
-        opt['path']['resume_state'] = path
-        return state
-    return None
-
-
-def _batch_per_rank(opt):
-    """Samples per iteration and process, as ``basicsr.data.build_dataloader`` batches them."""
-    train = (opt.get('datasets') or {}).get('train') or {}
-    batch = train.get('batch_size_per_gpu')
-    if not isinstance(batch, int):
-        return None
-    num_gpu = opt.get('num_gpu') or 0
-    return batch if opt.get('dist') else batch * max(num_gpu if isinstance(num_gpu, int) else 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,22 +154,9 @@ def model_to_device(self, net):
 
 # ----------------------------------------------------------------------------------------------
 # 5. optimizers beyond Adam (no upstream issue found; xinntao/Real-ESRGAN#766)
-def optimizer_class(name):
-    """The ``torch.optim`` optimizer class called ``name``; ValueError (with close names) otherwise."""
-    import torch
-    from .config import suggest
-
-    cls = getattr(torch.optim, name, None) if isinstance(name, str) else None
-    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
-        return cls
-    known = sorted(k for k, v in vars(torch.optim).items()
-                   if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer)
-    hint = suggest(name, known) if isinstance(name, str) else ''
-    raise ValueError(f'unknown optimizer type {name!r}{hint}; torch.optim has {", ".join(known)}')
-
-
 def get_optimizer(self, optim_type, params, lr, **kwargs):
     """``BaseModel.get_optimizer`` accepting any ``torch.optim`` class name (AdamW, SGD, ...)."""
+    from .config import optimizer_class
     return optimizer_class(optim_type)(params, lr, **kwargs)
 
 
@@ -285,72 +180,16 @@ def _perceptual_loss_init(init):
     return __init__
 
 
-# ----------------------------------------------------------------------------------------------
-# 7. resume inside an epoch; per-sample randomness keyed by the draw (no upstream issue found)
-class SampleIndex(int):
-    """A dataset index that also names its draw, ``key = (seed, epoch, slot)``: ``slot`` is
-    the position in the epoch's enlarged permutation (unique across ranks). It is an ``int``,
-    so every dataset can use it as an index; ours seed their randomness from ``key``."""
-
-    def __new__(cls, index, key):
-        obj = super().__new__(cls, index)
-        obj.key = key
-        return obj
-
-    def __reduce__(self):  # keeps the key when sent to data-loader workers
-        return (SampleIndex, (int(self), self.key))
-
-
-def _resumable_sampler_class():
-    from basicsr.data.data_sampler import EnlargedSampler
-
-    class ResumableSampler(EnlargedSampler):
-        """``EnlargedSampler`` (same order) yielding :class:`SampleIndex` and, in the epoch
-        a run resumes in, only the samples the saved iteration had not consumed."""
-
-        def __init__(self, dataset, num_replicas, rank, ratio=1):
-            super().__init__(dataset, num_replicas, rank, ratio)
-            self.seed = _train_session.get('seed')
-            # epoch -> samples of this rank to skip. Kept for every pass over that epoch, not used
-            # up by the first: BasicSR's CPUPrefetcher builds a loader iterator before the train
-            # loop's set_epoch + reset, and with workers that throw-away iterator already draws
-            # indices; the loop's own pass over the resumed epoch must skip them again.
-            self.skip = {}
-            resume, batch = _train_session.get('resume'), _train_session.get('batch_per_rank')
-            if resume is not None:
-                epoch, it = resume
-                per_epoch = self.num_samples // batch if batch else 0  # drop_last batches
-                done = it - epoch * per_epoch
-                if per_epoch and 0 <= done <= per_epoch:
-                    self.skip[epoch] = done * batch
-                else:
-                    warnings.warn(f'resume: iteration {it} is not inside epoch {epoch} of {per_epoch} iterations '
-                                  '(batch size or data changed?); the epoch restarts from its first batch')
-
-        def slots(self):
-            """This rank's positions in the epoch's permutation (1.4.2's order, before ``% len``)."""
-            import torch
-            g = torch.Generator()
-            g.manual_seed(self.epoch)
-            return torch.randperm(self.total_size, generator=g).tolist()[self.rank:self.total_size:self.num_replicas]
-
-        def __iter__(self):
-            size, epoch = len(self.dataset), self.epoch
-            slots = self.slots()[self.skip.get(epoch, 0):]
-            if self.seed is None:
-                return iter([v % size for v in slots])
-            return iter([SampleIndex(v % size, (int(self.seed), epoch, v)) for v in slots])
-
-    return ResumableSampler
-
-
 def create_train_val_dataloader(opt, logger):
     """``basicsr.train.create_train_val_dataloader`` with enough epochs for ``total_iter`` (fix 8)."""
     import math
     import basicsr.train
 
+    from .resume import prepare_train_sampler
+
     loaders = original(basicsr.train, 'create_train_val_dataloader')(opt, logger)
     train_loader, train_sampler, val_loaders, total_epochs, total_iters = loaders
+    prepare_train_sampler(train_sampler, opt)  # fix 7: seed and resume position
     per_epoch = len(train_loader)
     if per_epoch == 0:
         train = opt['datasets']['train']
@@ -373,14 +212,13 @@ def apply():
     from basicsr.models.base_model import BaseModel
     from basicsr.utils import dist_util, options
 
-    _replace(basicsr.train, 'load_resume_state', load_resume_state)
+    from . import resume  # imports basicsr: after fix 1
+    _replace(basicsr.train, 'load_resume_state', resume.load_resume_state)
     _replace(options, 'init_dist', init_dist)  # the name parse_options calls
     _replace(dist_util, 'init_dist', init_dist)
     _replace(BaseModel, 'model_to_device', model_to_device)
     _replace(BaseModel, 'get_optimizer', get_optimizer)
     _replace(PerceptualLoss, '__init__', _perceptual_loss_init(PerceptualLoss.__init__))
-    global ResumableSampler
-    ResumableSampler = _resumable_sampler_class()
-    _replace(basicsr.train, 'EnlargedSampler', ResumableSampler)
+    _replace(basicsr.train, 'EnlargedSampler', resume.ResumableSampler)
     _replace(basicsr.train, 'create_train_val_dataloader', create_train_val_dataloader)
     _applied = True

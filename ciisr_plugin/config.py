@@ -103,9 +103,10 @@ def _one_line(err):
 
 
 def to_plain(obj):
-    """ConfigDicts / OrderedDicts / tuples -> plain dicts and lists (order kept)."""
+    """ConfigDicts / OrderedDicts / tuples -> plain dicts (string keys) and lists, order kept:
+    what YAML writes back and what a ``weights_only`` checkpoint can hold."""
     if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
+        return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v) for v in obj]
     return obj
@@ -129,8 +130,6 @@ def validate_options(opt, path, command='train'):
     """Raise :class:`OptionsError` for missing keys or a ``type`` no BasicSR registry knows."""
     from basicsr.utils.registry import (ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY,
                                         MODEL_REGISTRY)
-
-    from .compat import optimizer_class
 
     required = REQUIRED_KEYS + PIPELINE_KEYS.get(command, ())
     missing = [k for k in required if k not in opt]
@@ -175,6 +174,19 @@ def validate_options(opt, path, command='train'):
         if not isinstance(metric, dict) or 'type' not in metric:
             raise OptionsError(path, f"val.metrics.{name}: expected a mapping with a 'type'")
         _check_name(path, f'val.metrics.{name}.type', metric['type'], METRIC_REGISTRY, 'metric')
+
+
+def optimizer_class(name):
+    """The ``torch.optim`` optimizer class called ``name``; ValueError (with close names) otherwise."""
+    import torch
+
+    cls = getattr(torch.optim, name, None) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
+        return cls
+    known = sorted(k for k, v in vars(torch.optim).items()
+                   if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer)
+    hint = suggest(name, known) if isinstance(name, str) else ''
+    raise ValueError(f'unknown optimizer type {name!r}{hint}; torch.optim has {", ".join(known)}')
 
 
 def _nested_types(node, where):

@@ -3,7 +3,8 @@ import os
 from collections import OrderedDict
 
 
-def _scale_text(scale):
+def scale_label(scale):
+    """``[3, 3]`` -> 'x3', ``[2, 3.5]`` -> 'x2x3.5': how scales are named in logs and reports."""
     sh, sw = (float(s) for s in scale)
     return f'x{sh:g}' if sh == sw else f'x{sh:g}x{sw:g}'
 
@@ -14,7 +15,7 @@ def results_table(results):
     lines = ['| dataset | scale | ' + ' | '.join(metrics) + ' |', '|---|---|' + '---|' * len(metrics)]
     for r in results:
         values = [f"{r['metrics'][m]:.4f}" if m in r['metrics'] else '' for m in metrics]
-        lines.append(f"| {r['dataset']} | {_scale_text(r['scale'])} | " + ' | '.join(values) + ' |')
+        lines.append(f"| {r['dataset']} | {scale_label(r['scale'])} | " + ' | '.join(values) + ' |')
     return '\n'.join(lines) + '\n'
 
 

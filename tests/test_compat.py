@@ -242,8 +242,28 @@ def test_perceptual_loss_l2(monkeypatch):
 
 def test_patches_are_installed_once():
     compat.apply()  # a second call changes nothing
-    assert basicsr.train.load_resume_state is compat.load_resume_state
+    from ciisr_plugin import resume
+    assert basicsr.train.load_resume_state is resume.load_resume_state
+    assert basicsr.train.EnlargedSampler is resume.ResumableSampler
     assert BaseModel.get_optimizer is compat.get_optimizer
     assert BaseModel.model_to_device is compat.model_to_device
     from basicsr.utils import dist_util, options
     assert options.init_dist is compat.init_dist and dist_util.init_dist is compat.init_dist
+
+
+def test_compat_only_installs_the_resume_machinery():
+    """The exact-resume code lives in ciisr_plugin.resume; compat installs it. Neither it nor
+    config imports compat (config's optimizer lookup used to close a compat <-> config circle)."""
+    import ast
+    from pathlib import Path
+
+    from ciisr_plugin import resume
+    package = Path(compat.__file__).parent
+    for name in ('config', 'resume', 'fileio'):
+        tree = ast.parse((package / f'{name}.py').read_text())
+        modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not any(m and m.split('.')[-1] == 'compat' for m in modules), (name, modules)
+    for moved in ('ResumableSampler', 'SampleIndex', '_train_session', 'optimizer_class', 'resume_device'):
+        assert not hasattr(compat, moved), moved
+    assert basicsr.train.EnlargedSampler is resume.ResumableSampler

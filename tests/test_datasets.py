@@ -103,7 +103,7 @@ def test_pixel_queries_point_at_their_gt_pixels(position_folder):
 
 @pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
 def test_cache_images_decodes_each_file_once_and_changes_no_sample(tmp_path, monkeypatch, dtype):
-    from ciisr_plugin import compat
+    from ciisr_plugin.resume import SampleIndex
     from ciisr_plugin.data import data_util
 
     folder = tmp_path / 'hr'
@@ -118,7 +118,7 @@ def test_cache_images_decodes_each_file_once_and_changes_no_sample(tmp_path, mon
     monkeypatch.setattr(data_util.ImageSource, 'read_path', lambda self, path: reads.append(path) or
                         real_read(self, path))
     plain, cached = ArbitraryScaleImageDataset(opt), ArbitraryScaleImageDataset(dict(opt, cache_images=True))
-    keys = [compat.SampleIndex(k % 2, (0, 0, k)) for k in range(12)]
+    keys = [SampleIndex(k % 2, (0, 0, k)) for k in range(12)]
     samples = [plain[k] for k in keys]
     assert len(reads) == 12
     reads.clear()

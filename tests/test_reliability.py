@@ -33,9 +33,9 @@ import torch
 import yaml
 
 import ciisr_plugin  # noqa: F401  (applies compat)
-from ciisr_plugin import compat
+from ciisr_plugin import resume
 from ciisr_plugin.data.arbitrary_scale_dataset import ArbitraryScaleImageDataset
-from ciisr_plugin.models.arbitrary_scale_sr_model import rng_states, set_rng_states
+from ciisr_plugin.resume import rng_states, set_rng_states
 
 BIN = Path(sys.executable).parent
 TOTAL_ITER = 14
@@ -164,22 +164,20 @@ def uninterrupted(data_dir):
 def test_resumable_sampler_keeps_basicsr_order_and_skips_consumed_batches():
     from basicsr.data.data_sampler import EnlargedSampler
     import basicsr.train
-    assert basicsr.train.EnlargedSampler is compat.ResumableSampler
+    assert basicsr.train.EnlargedSampler is resume.ResumableSampler
     data = list(range(5))
     for world, rank, ratio in ((1, 0, 1), (2, 1, 3), (3, 2, 2)):
-        ours, theirs = compat.ResumableSampler(data, world, rank, ratio), EnlargedSampler(data, world, rank, ratio)
+        ours, theirs = resume.ResumableSampler(data, world, rank, ratio), EnlargedSampler(data, world, rank, ratio)
         for epoch in (0, 3):
             ours.set_epoch(epoch), theirs.set_epoch(epoch)
             assert list(ours) == list(theirs)
     # resumed at iteration 7 of epoch 2 with 2 samples per iteration and 6 per epoch: 3
     # iterations per epoch, so iteration 7 is the first of epoch 2 -> skip 1 batch (2 samples)
-    compat._train_session.update(seed=3, batch_per_rank=2, resume=(2, 7))
-    try:
-        sampler = compat.ResumableSampler(list(range(6)), 1, 0)
-    finally:
-        compat._train_session.clear()
+    sampler = resume.ResumableSampler(list(range(6)), 1, 0)
+    sampler.resume(3, (2, 7), 2)
     sampler.set_epoch(2)
-    full = compat.ResumableSampler(list(range(6)), 1, 0)
+    full = resume.ResumableSampler(list(range(6)), 1, 0)
+    full.resume(3)
     full.set_epoch(2)
     assert list(sampler) == list(full)[2:]
     assert list(sampler) == list(full)[2:]  # every pass over the resumed epoch skips them
@@ -198,14 +196,11 @@ def test_resumed_epoch_behind_basicsr_prefetcher(workers):
     from torch.utils.data import DataLoader
 
     data = list(range(12))
-    full = compat.ResumableSampler(data, 1, 0)
+    full = resume.ResumableSampler(data, 1, 0)
     full.set_epoch(0)
     order = [int(i) for i in full]
-    compat._train_session.update(seed=3, batch_per_rank=2, resume=(0, 2))  # 2 of 6 batches done
-    try:
-        sampler = compat.ResumableSampler(data, 1, 0)
-    finally:
-        compat._train_session.clear()
+    sampler = resume.ResumableSampler(data, 1, 0)
+    sampler.resume(3, (0, 2), 2)  # 2 of 6 batches done
     loader = DataLoader(data, batch_size=2, sampler=sampler, num_workers=workers, drop_last=True)
     prefetcher = CPUPrefetcher(loader)
     seen = []
@@ -222,7 +217,7 @@ def test_resumed_epoch_behind_basicsr_prefetcher(workers):
 
 
 def test_sample_index_survives_pickling():
-    idx = compat.SampleIndex(4, (1, 2, 9))
+    idx = resume.SampleIndex(4, (1, 2, 9))
     back = pickle.loads(pickle.dumps(idx))
     assert back == 4 and back.key == (1, 2, 9) and [10, 11, 12, 13, 14][back] == 14
 
@@ -230,7 +225,7 @@ def test_sample_index_survives_pickling():
 def test_dataset_randomness_comes_from_the_key_only(data_dir):
     opt = dict(TRAIN_OPT['datasets']['train'], dataroot_gt=str(data_dir / 'hr'), phase='train')
     dataset = ArbitraryScaleImageDataset(opt)
-    key = compat.SampleIndex(2, (7, 0, 5))
+    key = resume.SampleIndex(2, (7, 0, 5))
     random.seed(1), np.random.seed(1)
     a = dataset[key]
     before = random.random(), np.random.rand()
@@ -242,7 +237,7 @@ def test_dataset_randomness_comes_from_the_key_only(data_dir):
     assert (random.random(), np.random.rand()) == before  # global streams left untouched
     for name in ('lq', 'coord', 'gt', 'scale'):
         assert torch.equal(a[name], b[name]), name
-    other = dataset[compat.SampleIndex(2, (7, 1, 5))]  # same image, other epoch: another draw
+    other = dataset[resume.SampleIndex(2, (7, 1, 5))]  # same image, other epoch: another draw
     assert not torch.equal(a['coord'], other['coord'])
 
 
@@ -283,12 +278,12 @@ def test_auto_resume_takes_the_newest_complete_state(tmp_path):
     models = exp / 'models'
     (models / 'net_g_9.pth').write_bytes((models / 'net_g_9.pth').read_bytes()[:-30])
     with pytest.warns(UserWarning) as caught:
-        state = compat.load_resume_state(opt)
+        state = resume.load_resume_state(opt)
     assert state['iter'] == 6 and opt['path']['resume_state'] == str(states / '6.state')
     assert opt['path']['pretrain_network_g'] == str(models / 'net_g_6.pth')
     messages = ' '.join(str(w.message) for w in caught)
     assert '12.state' in messages and 'net_g_9.pth' in messages
-    assert compat._train_session['resume'] == (0, 6)
+    assert resume.resume_position(opt) == (0, 6)  # what the train sampler is given
 
 
 def test_explicit_truncated_resume_state_is_a_one_line_error(tmp_path):
@@ -297,7 +292,7 @@ def test_explicit_truncated_resume_state_is_a_one_line_error(tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     opt = dict(opt, auto_resume=False, path=dict(opt['path'], resume_state=str(path)))
     with pytest.raises(ValueError, match=r"path.resume_state '.*3\.state': not a readable training state"):
-        compat.load_resume_state(opt)
+        resume.load_resume_state(opt)
 
 
 # ----------------------------------------------------------------------------------------------

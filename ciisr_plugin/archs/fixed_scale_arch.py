@@ -52,16 +52,12 @@ class FixedScaleSR(nn.Module):
 def pil_bicubic_resize(img, size):
     """Resize (B, C, h, w) float images with PIL's bicubic kernel (a = -0.5, as MATLAB's
     imresize and the PIL downsampling that makes the LR inputs) in float32, per channel."""
-    import numpy as np
-    from PIL import Image
+    from ..data.resize import pil_bicubic_planes  # (data imports archs: not at module level)
 
     out_h, out_w = int(size[0]), int(size[1])
-    planes = img.detach().float().cpu().numpy()
-    out = np.empty(planes.shape[:2] + (out_h, out_w), dtype=np.float32)
-    for b in range(planes.shape[0]):
-        for c in range(planes.shape[1]):
-            out[b, c] = np.asarray(Image.fromarray(planes[b, c], mode='F').resize((out_w, out_h), Image.BICUBIC))
-    return torch.from_numpy(out).to(img.device)
+    b, c, h, w = img.shape
+    planes = pil_bicubic_planes(img.detach().float().cpu().numpy().reshape(b * c, h, w), out_h, out_w)
+    return torch.from_numpy(planes.reshape(b, c, out_h, out_w)).to(img.device)
 
 
 @ARCH_REGISTRY.register()

@@ -461,18 +461,8 @@ class ImplicitSRNet(nn.Module):
         return torch.cat(outs, dim=1)
 
     def upscale(self, lq, size, chunk_size=None):
-        """Render a (B, 3, H, W) image of any size, in blocks of about ``chunk_size`` queries
-        (whole rows when they fit), so memory beyond the output is bounded by the chunk."""
-        out_h, out_w = int(size[0]), int(size[1])
-        if out_h <= 0 or out_w <= 0:
-            raise ValueError(f'upscale: output size must be positive, got {out_h}x{out_w}')
-        b = lq.shape[0]
-        prepared = self.prepare(self.encode(lq))
-        grid = PixelGrid((out_h, out_w), lq.device)
-        out = None
-        for r0, r1, c0, c1 in grid_blocks((0, out_h), (0, out_w), chunk_size or self.chunk_size):
-            pred = self.denormalise(self.query_grid(prepared, grid, (r0, r1, c0, c1), b))
-            if out is None:
-                out = pred.new_empty(b, pred.shape[-1], out_h, out_w)
-            out[:, :, r0:r1, c0:c1] = pred.view(b, r1 - r0, c1 - c0, -1).permute(0, 3, 1, 2)
-        return out
+        """Render a (B, 3, H, W) image of any size: the one renderer,
+        :func:`ciisr_plugin.inference.upscale_tiled` (tiles sized from free memory, blocks of about
+        ``chunk_size`` queries, no autograd), as ``basicsr upscale`` / ``test`` and validation use."""
+        from ..inference import upscale_tiled  # the renderer sits above the archs
+        return upscale_tiled(self, lq, size, chunk_size=chunk_size)

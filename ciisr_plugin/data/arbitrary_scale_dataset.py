@@ -36,7 +36,7 @@ class ArbitraryScaleImageDataset(data.Dataset):
     Returns: lq (3, lq_size, lq_size), coord (Q, 2), cell (Q, 2), gt (Q, 3) or (3, P, P),
     scale (2,) = realised (H_hr / lq_size, W_hr / lq_size) after augmentation, lq_path, gt_path.
 
-    Randomness: an index from BasicSR's training sampler (as patched by ``compat``) names its
+    Randomness: an index from BasicSR's training sampler (``resume.ResumableSampler``) names its
     draw ``(seed, epoch, slot)``; the sample's random numbers are derived from it alone, so a
     sample is the same whatever the number of workers or processes and after a resume. A plain
     int index draws from the global ``random`` / ``numpy.random`` as before.

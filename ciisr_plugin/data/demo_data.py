@@ -15,6 +15,8 @@ import os.path as osp
 import cv2
 import numpy as np
 
+from ..fileio import replaced_atomically
+
 SKIMAGE_SCHEME = 'skimage://'
 
 # Colour photographs bundled with scikit-image (name -> loader), all RGB uint8.
@@ -54,10 +56,9 @@ def load_skimage_photo(name):
 
 def _write_png(img_rgb, path):
     """Write atomically so a concurrent reader never sees a half-written file."""
-    tmp = f'{path}.tmp{os.getpid()}.png'
-    if not cv2.imwrite(tmp, np.ascontiguousarray(img_rgb[:, :, ::-1])):
-        raise ValueError(f'{path}: could not write PNG')
-    os.replace(tmp, path)
+    with replaced_atomically(path, '.png') as tmp:
+        if not cv2.imwrite(tmp, np.ascontiguousarray(img_rgb[:, :, ::-1])):
+            raise ValueError(f'{path}: could not write PNG')
 
 
 def prepare_skimage_dataroot(root, names=None):

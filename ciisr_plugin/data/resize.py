@@ -31,15 +31,22 @@ def check_kernel(kernel, option_name='downsample_kernel'):
     return kernel
 
 
+def pil_bicubic_planes(planes, out_h, out_w):
+    """(N, h, w) float planes -> (N, out_h, out_w) float32 by PIL's bicubic kernel (a = -0.5) in
+    its 32-bit float mode, unclipped: the one PIL float resize, for arrays here and tensors in
+    :func:`ciisr_plugin.archs.fixed_scale_arch.pil_bicubic_resize`."""
+    out = np.empty((planes.shape[0], out_h, out_w), dtype=np.float32)
+    for i, plane in enumerate(planes):
+        plane = np.ascontiguousarray(plane, dtype=np.float32)
+        out[i] = np.asarray(Image.fromarray(plane, mode='F').resize((out_w, out_h), Image.BICUBIC))
+    return out
+
+
 def _pil_resize(img, out_h, out_w):
     if img.dtype == np.uint8:
         return to_float01(np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.BICUBIC)))
-    img = to_float01(img)
-    channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, c])).resize((out_w, out_h), Image.BICUBIC))
-        for c in range(img.shape[2])
-    ]
-    return np.clip(np.stack(channels, axis=2), 0, 1).astype(np.float32)
+    planes = pil_bicubic_planes(np.moveaxis(to_float01(img), 2, 0), out_h, out_w)
+    return np.clip(np.moveaxis(planes, 0, 2), 0, 1).astype(np.float32)
 
 
 def _matlab_axis(img, axis, out_len):

@@ -14,19 +14,16 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from ciisr_plugin.archs.fixed_scale_arch import pil_bicubic_resize
-from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, _to_plain, convert_authors_checkpoint,
+from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, convert_authors_checkpoint,
                                      is_authors_checkpoint, load_state_dict_exact, read_checkpoint, save_atomic)
-from ciisr_plugin.results import write_results_report
+from ciisr_plugin.config import to_plain
+from ciisr_plugin.inference import upscale_tiled
+from ciisr_plugin.resume import rng_states, set_rng_states
+from ciisr_plugin.results import scale_label, write_results_report
 
 # Metrics that follow the LIIF paper's float protocol take the float RGB tensors in [0, 1]
 # instead of BasicSR's quantised BGR uint8 images.
 FLOAT_METRICS = {'calculate_psnr_liif', 'calculate_lpips'}
-
-
-def scale_label(scale):
-    sh, sw = (float(s) for s in scale)
-    fmt = lambda v: f'{v:g}'  # noqa: E731
-    return f'x{fmt(sh)}' if sh == sw else f'x{fmt(sh)}x{fmt(sw)}'
 
 
 @MODEL_REGISTRY.register()
@@ -101,7 +98,8 @@ class ArbitraryScaleSRModel(SRModel):
         was_training = net.training
         net.eval()
         with torch.no_grad():
-            self.output = net.upscale(self.lq, size=self.output_size(), chunk_size=self.opt['val'].get('chunk_size'))
+            # the renderer basicsr upscale uses (bounded memory, every core); val.chunk_size = queries per block
+            self.output = upscale_tiled(net, self.lq, self.output_size(), chunk_size=self.opt['val'].get('chunk_size'))
         net.train(was_training)
 
     # ------------------------------------------------------------------ validation
@@ -234,7 +232,7 @@ class ArbitraryScaleSRModel(SRModel):
             net.load_state_dict(state, strict=False)
 
     def network_options(self):
-        return _to_plain(self.opt['network_g'])
+        return to_plain(self.opt['network_g'])
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
@@ -254,7 +252,7 @@ class ArbitraryScaleSRModel(SRModel):
     def save_training_state(self, epoch, current_iter):
         """BasicSR's state (epoch, iter, optimizers, schedulers) plus every process's RNG states
         (python, numpy, torch, CUDA), written atomically by rank 0. BasicSR 1.4.2 saves no RNG
-        state; with them (and the sampler's in-epoch resume, ``compat.ResumableSampler``) a
+        state; with them (and the sampler's in-epoch resume, ``resume.ResumableSampler``) a
         resumed run continues exactly as an uninterrupted one. Called on every rank: the RNG
         states are gathered (a collective), so it is not ``master_only``."""
         if current_iter == -1:
@@ -289,30 +287,3 @@ class ArbitraryScaleSRModel(SRModel):
             get_root_logger().warning(f'Resume state has RNG states of {len(saved or [])} process(es), this run has '
                                       f'{world_size}: random number streams are not restored.')
 
-
-def rng_states():
-    """This process's python / numpy / torch (and CUDA) RNG states, in types that load with
-    ``weights_only=True`` (numpy's key array as a list)."""
-    import random
-
-    import numpy as np
-    np_state = np.random.get_state(legacy=False)
-    np_state['state']['key'] = np_state['state']['key'].tolist()
-    state = {'python': random.getstate(), 'numpy': np_state, 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_states(state):
-    import random
-
-    import numpy as np
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    np_state = dict(state['numpy'], state=dict(state['numpy']['state']))
-    np_state['state']['key'] = np.asarray(np_state['state']['key'], dtype=np.uint32)
-    np.random.set_state(np_state)
-    torch.set_rng_state(state['torch'].cpu())
-    if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])

@@ -14,11 +14,12 @@ onnxruntime to run the graph).
 """
 import contextlib
 import io
-import os
 import sys
 import warnings
 
 from torch import nn
+
+from ..fileio import replaced_atomically
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
@@ -59,10 +60,7 @@ def export_onnx(net, path, opset=DEFAULT_OPSET):
     batch, queries = Dim('batch'), Dim('queries')
     dynamic = {'lq': {0: batch, 2: Dim('height'), 3: Dim('width')}, 'coord': {0: batch, 1: queries},
                'cell': {0: batch, 1: queries}}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}.onnx')
-    try:
+    with replaced_atomically(path, '.onnx') as tmp:
         # the exporter narrates its passes on stdout and warns about merged axis names
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -72,10 +70,6 @@ def export_onnx(net, path, opset=DEFAULT_OPSET):
         written = max(o.version for o in graph.opset_import if o.domain in ('', 'ai.onnx'))
         if written != int(opset):
             raise ExportError(f'--opset {opset}: the exporter could only write opset {written}')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

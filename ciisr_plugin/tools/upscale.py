@@ -194,7 +194,7 @@ def write_atomic(path, array):
     ok, encoded = cv2.imencode(ext, array, params)
     if not ok:
         raise UpscaleError(f'{path}: the {ext} encoder refused a {array.shape} {array.dtype} image')
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
     atomic_write(path, lambda f: f.write(encoded.tobytes()))
 
 
@@ -462,7 +462,7 @@ def write_comparison(path, low, model_rgb, label, original=None):
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png')
     plt.close(fig)
-    from ..checkpoint import atomic_write
+    from ..fileio import atomic_write
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
     if reference is None:
         return 'bicubic | model'
