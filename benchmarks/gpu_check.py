@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'benchmarks'))
+sys.path.insert(0, str(REPO / 'tests'))  # literal_reference: the per-query formulation
 
 FIXTURE_TOL, TILE_TOL, PSNR_TOL_DB = 1e-4, 1e-5, 0.05
 FULL = dict(train_iters=50, tile_lr=96, tile=24, photo_crop=None, speed_lr=512, speed_repeats=3)

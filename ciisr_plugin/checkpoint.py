@@ -123,30 +123,8 @@ def _authors_network_opt(model_spec):
     }
 
 
-# (pattern, replacement) applied in order to the authors' state-dict keys; None drops the key.
-# EDSR and RCAN share EDSR-PyTorch's layout: sub_mean / add_mean, head, body, tail
-_EDSR_PYTORCH_HEAD_KEYS = [
-    (r'^encoder\.(sub_mean|add_mean)\..*', None),  # mean shift: stored but unused by their forward
-    (r'^encoder\.head\.0\.', 'encoder.conv_first.'),
-]
-_EDSR_KEYS = _EDSR_PYTORCH_HEAD_KEYS + [
-    (r'^encoder\.body\.(\d+)\.body\.0\.', r'encoder.body.\1.conv1.'),
-    (r'^encoder\.body\.(\d+)\.body\.2\.', r'encoder.body.\1.conv2.'),
-]
-_RDN_KEYS = [
-    (r'^encoder\.SFENet1\.', 'encoder.conv_shallow1.'),
-    (r'^encoder\.SFENet2\.', 'encoder.conv_shallow2.'),
-    (r'^encoder\.RDBs\.(\d+)\.convs\.(\d+)\.conv\.0\.', r'encoder.blocks.\1.layers.\2.conv.'),
-    (r'^encoder\.RDBs\.(\d+)\.LFF\.', r'encoder.blocks.\1.fuse.'),
-    (r'^encoder\.GFF\.0\.', 'encoder.fuse_global.'),
-    (r'^encoder\.GFF\.1\.', 'encoder.conv_after_fuse.'),
-]
-_RCAN_KEYS = _EDSR_PYTORCH_HEAD_KEYS + [
-    (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.0\.', r'encoder.groups.\1.blocks.\2.conv1.'),
-    (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.2\.', r'encoder.groups.\1.blocks.\2.conv2.'),
-    (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.', r'encoder.groups.\1.blocks.\2.attention.down.'),
-    (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.', r'encoder.groups.\1.blocks.\2.attention.up.'),
-]
+# (pattern, replacement) applied in order to the authors' state-dict keys; None drops the key. The
+# encoder's rules sit beside each encoder (``authors_key_rules``); these are the decoders'.
 _DECODER_KEYS = [
     (r'^imnet\.layers\.', 'decoder.layers.'),
     (r'^pdn\.layers\.', 'expansion.layers.'),
@@ -157,19 +135,9 @@ _DECODER_KEYS = [
 
 
 def _authors_state_dict(sd, network_opt):
-    rules = list(_DECODER_KEYS)
-    if network_opt['encoder']['type'] == 'EDSREncoder':
-        rules += _EDSR_KEYS
-        # the body's final conv is entry num_block of their Sequential
-        rules.append((rf'^encoder\.body\.{network_opt["encoder"]["num_block"]}\.', 'encoder.conv_after_body.'))
-    elif network_opt['encoder']['type'] == 'RCANEncoder':
-        rules += _RCAN_KEYS
-        # a group's final conv follows its num_block blocks; the body's follows its num_group groups
-        groups, blocks = network_opt['encoder']['num_group'], network_opt['encoder']['num_block']
-        rules.append((rf'^encoder\.body\.(\d+)\.body\.{blocks}\.', r'encoder.groups.\1.conv.'))
-        rules.append((rf'^encoder\.body\.{groups}\.', 'encoder.conv_after_body.'))
-    else:
-        rules += _RDN_KEYS
+    from basicsr.utils.registry import ARCH_REGISTRY
+    encoder = network_opt['encoder']
+    rules = list(_DECODER_KEYS) + ARCH_REGISTRY.get(encoder['type']).authors_key_rules(encoder)
     out = {}
     for key, value in sd.items():
         new_key = key

@@ -97,12 +97,23 @@ def _run_pipeline(args, command):
     _reset_basicsr_logger()
     try:
         pipeline(os.getcwd())
+        _close_process_group()
     finally:
         sys.argv = saved_argv
         _reset_basicsr_logger()  # closes this run's log file
         if tmp_dir:
             shutil.rmtree(tmp_dir, ignore_errors=True)
     return 0
+
+
+def _close_process_group():
+    """End a distributed run's process group once every rank is done. BasicSR never does; left to
+    interpreter exit, gloo's threads were torn down unjoined and a finished rank aborted
+    ('terminate called without an active exception', exit -6; seen once in a 2-process CPU run)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _resolve_zoo_paths(opt, path):

@@ -1,13 +1,11 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'benchmarks'))  # literal reference transcriptions used as baselines
+import ciisr_plugin  # noqa: F401  (registers everything, applies compat fixes)
 
-import ciisr_plugin  # noqa: E402,F401  (registers everything, applies compat fixes)
+REPO = Path(__file__).resolve().parents[1]
 
 FIXTURES = Path(os.environ.get('CIISR_FIXTURES', REPO.parent / 'shared' / 'fixtures' / 'authors'))
 
@@ -25,3 +23,13 @@ def authors_fixture():
         return torch.load(path, weights_only=False)
 
     return load
+
+
+@pytest.fixture(autouse=True)
+def fresh_basicsr_logger():
+    """BasicSR's logger keeps the stderr it first saw; under pytest's capture that stream is
+    closed after the test. Drop its handlers after every test, so that a later test's log lines
+    do not go to a closed stream (a 'Logging error' trace in that test's output)."""
+    yield
+    from ciisr_plugin.cli import _reset_basicsr_logger
+    _reset_basicsr_logger()

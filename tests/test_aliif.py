@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ciisr_plugin
-import literal_reference as literal  # benchmarks/ (on sys.path via conftest)
+import literal_reference as literal  # tests/literal_reference.py: the paper's per-query formulation
 from ciisr_plugin.archs.aliif_arch import ALIIF
 
 ALIIF_FIXTURE = 'aliif_edsr_baseline_x3.pt'  # shared/fixtures/authors, found by conftest's authors_fixture

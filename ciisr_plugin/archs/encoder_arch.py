@@ -33,6 +33,15 @@ def _global_skip_body(net, stages, x, return_mid):
     return (mid, res) if return_mid else res
 
 
+# The LIIF authors' encoders keep EDSR-PyTorch's names. Each encoder below maps them onto its own
+# with ``authors_key_rules(opt)``: (pattern, replacement) pairs for the state-dict keys under
+# ``encoder.``, tried in order, the first match applied; a None replacement drops the key.
+_EDSR_PYTORCH_HEAD_KEYS = [
+    (r'^encoder\.(sub_mean|add_mean)\..*', None),  # mean shift: stored but unused by their forward
+    (r'^encoder\.head\.0\.', 'encoder.conv_first.'),
+]
+
+
 @ARCH_REGISTRY.register()
 class EDSREncoder(nn.Module):
     """EDSR body without mean shift or upsampler, as used by LIIF.
@@ -53,6 +62,15 @@ class EDSREncoder(nn.Module):
 
     def forward(self, x, return_mid=False):
         return _global_skip_body(self, self.body, x, return_mid)
+
+    @staticmethod
+    def authors_key_rules(opt):
+        return _EDSR_PYTORCH_HEAD_KEYS + [
+            (r'^encoder\.body\.(\d+)\.body\.0\.', r'encoder.body.\1.conv1.'),
+            (r'^encoder\.body\.(\d+)\.body\.2\.', r'encoder.body.\1.conv2.'),
+            # the body's final conv is entry num_block of their Sequential
+            (rf'^encoder\.body\.{opt.get("num_block", 16)}\.', 'encoder.conv_after_body.'),
+        ]
 
 
 class _DenseLayer(nn.Module):
@@ -111,6 +129,17 @@ class RDNEncoder(nn.Module):
             outs.append(x)
         feat = self.conv_after_fuse(self.fuse_global(torch.cat(outs, dim=1))) + shallow
         return (outs[self.mid_layer - 1], feat) if return_mid else feat
+
+    @staticmethod
+    def authors_key_rules(opt):
+        return [
+            (r'^encoder\.SFENet1\.', 'encoder.conv_shallow1.'),
+            (r'^encoder\.SFENet2\.', 'encoder.conv_shallow2.'),
+            (r'^encoder\.RDBs\.(\d+)\.convs\.(\d+)\.conv\.0\.', r'encoder.blocks.\1.layers.\2.conv.'),
+            (r'^encoder\.RDBs\.(\d+)\.LFF\.', r'encoder.blocks.\1.fuse.'),
+            (r'^encoder\.GFF\.0\.', 'encoder.fuse_global.'),
+            (r'^encoder\.GFF\.1\.', 'encoder.conv_after_fuse.'),
+        ]
 
 
 class _ChannelAttention(nn.Module):
@@ -176,6 +205,21 @@ class RCANEncoder(nn.Module):
 
     def forward(self, x, return_mid=False):
         return _global_skip_body(self, self.groups, x, return_mid)
+
+    @staticmethod
+    def authors_key_rules(opt):
+        groups, blocks = opt.get('num_group', 10), opt.get('num_block', 20)
+        return _EDSR_PYTORCH_HEAD_KEYS + [
+            (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.0\.', r'encoder.groups.\1.blocks.\2.conv1.'),
+            (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.2\.', r'encoder.groups.\1.blocks.\2.conv2.'),
+            (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.0\.',
+             r'encoder.groups.\1.blocks.\2.attention.down.'),
+            (r'^encoder\.body\.(\d+)\.body\.(\d+)\.body\.3\.conv_du\.2\.',
+             r'encoder.groups.\1.blocks.\2.attention.up.'),
+            # a group's final conv follows its num_block blocks; the body's follows its num_group groups
+            (rf'^encoder\.body\.(\d+)\.body\.{blocks}\.', r'encoder.groups.\1.conv.'),
+            (rf'^encoder\.body\.{groups}\.', 'encoder.conv_after_body.'),
+        ]
 
 
 def _normalise_like(net, x):

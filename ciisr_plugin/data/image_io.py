@@ -1,6 +1,7 @@
 """Decoding images into RGB arrays, with every odd input handled explicitly.
 
-Shared by the datasets and by ``basicsr upscale``. The rules:
+Shared by the datasets and by ``basicsr upscale`` (which also reads and writes whole pictures
+through :func:`read_picture` / :func:`write_encoded`, keeping alpha, grayscale and bit depth). The rules:
 
 * grayscale (and gray + alpha) -> the gray channel replicated to RGB;
 * RGBA -> the alpha channel is dropped, not composited (what the LIIF authors' loader,
@@ -11,6 +12,7 @@ Shared by the datasets and by ``basicsr upscale``. The rules:
 * EXIF orientation is ignored (as PIL and the authors do), so LR/HR pairs stay aligned;
 * zero-byte or undecodable data -> ``ValueError('<source>: ...')`` on one line.
 """
+import io
 import os
 
 import cv2
@@ -104,3 +106,95 @@ def read_image_native(path_or_bytes, source_name=None):
 def read_image_rgb(path_or_bytes, source_name=None):
     """Path or bytes -> float32 HxWx3 RGB image in [0, 1]."""
     return to_float01(read_image_native(path_or_bytes, source_name))
+
+
+# ----------------------------------------------------------------------------------------------
+# whole pictures (colour, alpha, grayscale, bit depth kept): what `basicsr upscale` reads and writes
+KEEPS_16BIT = ('.png', '.tif', '.tiff')
+KEEPS_FLOAT = ('.tif', '.tiff')
+
+
+class Picture:
+    """A decoded image: ``rgb`` (h, w, 3) in its native dtype, ``alpha`` (h, w) or None,
+    and whether it was grayscale."""
+
+    def __init__(self, rgb, alpha=None, gray=False):
+        self.rgb, self.alpha, self.gray = rgb, alpha, gray
+
+
+def _header(content):
+    """PIL's (mode, size, has-alpha) without decoding the pixels; None if PIL can't parse it."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(content)) as img:
+            alpha = img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info
+            return img.mode, img.size, alpha
+    except Exception:  # noqa: BLE001  (any failure: let the full decoder judge it)
+        return None
+
+
+def read_picture(path):
+    """Decode ``path`` with :mod:`ciisr_plugin.data.image_io`'s rules, keeping alpha."""
+
+    content = read_bytes(path)
+    rgb = decode_image(content, path)  # one-line ValueError for empty / corrupt files
+    header = _header(content)
+    gray = header is not None and header[0] in ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
+    alpha = None
+    if header is not None and header[2]:
+        full = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+        if full is not None and full.ndim == 3 and full.shape[2] in (2, 4) and full.shape[:2] == rgb.shape[:2]:
+            alpha = full[:, :, -1]
+            if alpha.dtype != rgb.dtype:  # keep alpha on the colour channels' scale
+                alpha = from_unit(to_unit(alpha), rgb.dtype)
+    return Picture(rgb, alpha, gray)
+
+
+def image_size(path):
+    """(h, w) of an image file, reading only its header when possible."""
+    content = read_bytes(path)
+    if not content:
+        raise ValueError(f'{path}: empty file (0 bytes), not an image')
+    header = _header(content)
+    if header is not None:
+        return header[1][1], header[1][0]
+    return decode_image(content, path).shape[:2]
+
+
+def to_unit(array):
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535
+    return np.clip(array.astype(np.float32), 0, 1)
+
+
+def from_unit(unit, dtype):
+    """[0, 1] floats -> ``dtype`` (uint8, uint16 or float32), rounded and clipped."""
+    unit = np.clip(unit, 0, 1)
+    if dtype == np.uint8:
+        return (unit * 255 + 0.5).astype(np.uint8)
+    if dtype == np.uint16:
+        return (unit * 65535 + 0.5).astype(np.uint16)
+    return unit.astype(np.float32)
+
+
+def output_dtype(in_dtype, ext):
+    if in_dtype == np.uint16 and ext in KEEPS_16BIT:
+        return np.uint16
+    if in_dtype == np.float32:
+        return np.float32 if ext in KEEPS_FLOAT else (np.uint16 if ext in KEEPS_16BIT else np.uint8)
+    return np.uint8
+
+
+def write_encoded(path, array):
+    """Encode ``array`` (BGR / BGRA / gray, as OpenCV expects) by ``path``'s extension and
+    write it via a temporary file in the same folder + rename."""
+    ext = os.path.splitext(path)[1].lower()
+    params = {'.jpg': [cv2.IMWRITE_JPEG_QUALITY, 95], '.jpeg': [cv2.IMWRITE_JPEG_QUALITY, 95],
+              '.webp': [cv2.IMWRITE_WEBP_QUALITY, 95]}.get(ext, [])
+    ok, encoded = cv2.imencode(ext, array, params)
+    if not ok:
+        raise ValueError(f'{path}: the {ext} encoder refused a {array.shape} {array.dtype} image')
+    from ..fileio import atomic_write
+    atomic_write(path, lambda f: f.write(encoded.tobytes()))

@@ -25,11 +25,11 @@ import sys
 
 import numpy as np
 
+from ..data.image_io import Picture, from_unit, image_size, output_dtype, read_picture, to_unit, write_encoded
+
 MAX_OUTPUT_PIXELS = 16384 * 16384  # 268 megapixels; --force lifts it
 WRITABLE = ('.png', '.jpg', '.jpeg', '.webp', '.tif', '.tiff', '.bmp')
 _MAX_SIDE = {'.webp': 16383, '.jpg': 65535, '.jpeg': 65535}  # what the encoders can store
-_KEEPS_16BIT = ('.png', '.tif', '.tiff')
-_KEEPS_FLOAT = ('.tif', '.tiff')
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2's RGB2GRAY
 PROG = 'basicsr upscale'
 
@@ -104,98 +104,6 @@ def output_size(in_hw, scale=None, size=None):
     if size is not None:
         return size
     return max(1, round(in_hw[0] * scale[0])), max(1, round(in_hw[1] * scale[1]))
-
-
-# ----------------------------------------------------------------------------------------------
-# images
-class Picture:
-    """A decoded image: ``rgb`` (h, w, 3) in its native dtype, ``alpha`` (h, w) or None,
-    and whether it was grayscale."""
-
-    def __init__(self, rgb, alpha=None, gray=False):
-        self.rgb, self.alpha, self.gray = rgb, alpha, gray
-
-
-def _header(content):
-    """PIL's (mode, size, has-alpha) without decoding the pixels; None if PIL can't parse it."""
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(content)) as img:
-            alpha = img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info
-            return img.mode, img.size, alpha
-    except Exception:  # noqa: BLE001  (any failure: let the full decoder judge it)
-        return None
-
-
-def read_picture(path):
-    """Decode ``path`` with :mod:`ciisr_plugin.data.image_io`'s rules, keeping alpha."""
-    import cv2
-
-    from ..data.image_io import decode_image, read_bytes
-    content = read_bytes(path)
-    rgb = decode_image(content, path)  # one-line ValueError for empty / corrupt files
-    header = _header(content)
-    gray = header is not None and header[0] in ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
-    alpha = None
-    if header is not None and header[2]:
-        full = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
-        if full is not None and full.ndim == 3 and full.shape[2] in (2, 4) and full.shape[:2] == rgb.shape[:2]:
-            alpha = full[:, :, -1]
-            if alpha.dtype != rgb.dtype:  # keep alpha on the colour channels' scale
-                alpha = _convert(_to_unit(alpha), rgb.dtype)
-    return Picture(rgb, alpha, gray)
-
-
-def image_size(path):
-    """(h, w) of an image file, reading only its header when possible."""
-    from ..data.image_io import decode_image, read_bytes
-    content = read_bytes(path)
-    if not content:
-        raise UpscaleError(f'{path}: empty file (0 bytes), not an image')
-    header = _header(content)
-    if header is not None:
-        return header[1][1], header[1][0]
-    return decode_image(content, path).shape[:2]
-
-
-def _to_unit(array):
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255
-    if array.dtype == np.uint16:
-        return array.astype(np.float32) / 65535
-    return np.clip(array.astype(np.float32), 0, 1)
-
-
-def _convert(unit, dtype):
-    """[0, 1] floats -> ``dtype`` (uint8, uint16 or float32), rounded and clipped."""
-    unit = np.clip(unit, 0, 1)
-    if dtype == np.uint8:
-        return (unit * 255 + 0.5).astype(np.uint8)
-    if dtype == np.uint16:
-        return (unit * 65535 + 0.5).astype(np.uint16)
-    return unit.astype(np.float32)
-
-
-def output_dtype(in_dtype, ext):
-    if in_dtype == np.uint16 and ext in _KEEPS_16BIT:
-        return np.uint16
-    if in_dtype == np.float32:
-        return np.float32 if ext in _KEEPS_FLOAT else (np.uint16 if ext in _KEEPS_16BIT else np.uint8)
-    return np.uint8
-
-
-def write_atomic(path, array):
-    """Encode ``array`` (BGR / BGRA / gray, as OpenCV expects) by ``path``'s extension and
-    write it via a temporary file in the same folder + rename."""
-    import cv2
-    ext = os.path.splitext(path)[1].lower()
-    params = {'.jpg': [cv2.IMWRITE_JPEG_QUALITY, 95], '.jpeg': [cv2.IMWRITE_JPEG_QUALITY, 95],
-              '.webp': [cv2.IMWRITE_WEBP_QUALITY, 95]}.get(ext, [])
-    ok, encoded = cv2.imencode(ext, array, params)
-    if not ok:
-        raise UpscaleError(f'{path}: the {ext} encoder refused a {array.shape} {array.dtype} image')
-    from ..fileio import atomic_write
-    atomic_write(path, lambda f: f.write(encoded.tobytes()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,17 +214,17 @@ def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, p
         rows, cols = slice(top, top + rgb.shape[0]), slice(left, left + rgb.shape[1])
         if picture.gray:
             luma = rgb[:, :, 0] * _LUMA[0] + rgb[:, :, 1] * _LUMA[1] + rgb[:, :, 2] * _LUMA[2]
-            out[rows, cols, :min(channels, 3)] = _convert(luma, dtype)[:, :, None]
+            out[rows, cols, :min(channels, 3)] = from_unit(luma, dtype)[:, :, None]
         else:
-            out[rows, cols, :3] = _convert(rgb[:, :, ::-1], dtype)  # RGB -> OpenCV's BGR
+            out[rows, cols, :3] = from_unit(rgb[:, :, ::-1], dtype)  # RGB -> OpenCV's BGR
         if progress is not None:
             progress(rgb.shape[0] * rgb.shape[1])
 
     lq = torch.from_numpy(to_float01(picture.rgb)).permute(2, 0, 1).unsqueeze(0).to(device)
     upscale_tiled(net, lq, (out_h, out_w), tile=tile, precision=precision, halo=halo, sink=sink)
     if picture.alpha is not None:
-        alpha = cv2.resize(_to_unit(picture.alpha), (out_w, out_h), interpolation=cv2.INTER_CUBIC)
-        out[:, :, 3] = _convert(alpha, dtype)
+        alpha = cv2.resize(to_unit(picture.alpha), (out_w, out_h), interpolation=cv2.INTER_CUBIC)
+        out[:, :, 3] = from_unit(alpha, dtype)
     return out[:, :, 0] if channels == 1 else out
 
 
@@ -380,7 +288,7 @@ def _run(args):
             array = upscale_picture(net, picture, out_size, device, ext, args.tile, args.halo, args.precision,
                                     bar.update)
         os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-        write_atomic(dst, array)
+        write_encoded(dst, array)
         print(f'{src} -> {dst} ({out_size[1]}x{out_size[0]})')
         if args.compare:
             label = os.path.basename(args.model) if zoo_name(args.model) is None else zoo_name(args.model)
@@ -399,10 +307,10 @@ def shrink_picture(picture, size):
     """``picture`` made smaller by bicubic interpolation (PIL's, as the training data), kept in
     its dtype, as if stored at that size."""
     from ..data.resize import bicubic_resize_native
-    rgb = picture.rgb if picture.rgb.dtype == np.uint8 else _to_unit(picture.rgb)
+    rgb = picture.rgb if picture.rgb.dtype == np.uint8 else to_unit(picture.rgb)
     small = bicubic_resize_native(rgb, size)
     if picture.rgb.dtype == np.uint16:
-        small = _convert(small, np.uint16)
+        small = from_unit(small, np.uint16)
     return Picture(small, None, picture.gray)
 
 
@@ -413,7 +321,7 @@ def compare_path(dst):
 
 def _as_rgb_unit(array, picture):
     """The written output array (BGR[A] / gray) back to RGB floats in [0, 1]."""
-    unit = _to_unit(array)
+    unit = to_unit(array)
     if unit.ndim == 2:
         return np.repeat(unit[:, :, None], 3, axis=2)
     return unit[:, :, 2::-1] if unit.shape[2] >= 3 else unit
@@ -434,10 +342,10 @@ def write_comparison(path, low, model_rgb, label, original=None):
 
     from ..data.resize import bicubic_resize
     out_h, out_w = model_rgb.shape[:2]
-    low_rgb = _to_unit(low.rgb)
+    low_rgb = to_unit(low.rgb)
     bicubic = bicubic_resize(low_rgb, (out_h, out_w))
     nearest = cv2.resize(low_rgb, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
-    reference = None if original is None else _to_unit(original.rgb)
+    reference = None if original is None else to_unit(original.rgb)
     # the crop with the most detail (gradient energy) in the reference, else the model output
     side = min(160, out_h, out_w)
     gray = (reference if reference is not None else model_rgb).mean(axis=2).astype(np.float32)
