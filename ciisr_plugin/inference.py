@@ -153,23 +153,8 @@ class _Footprint:
             for handle in handles:
                 handle.remove()
         prepared_bytes = sum(t.numel() * t.element_size() for t in _tensors(prepared))
-        self.row_width = _row_width(prepared)
+        self.row_width = net.decode_row_width  # declared by the arch
         self.per_latent = 4 * 3 * widest[0] + 2 * prepared_bytes / pixels
-
-
-def _row_width(prepared):
-    """Width of the widest first-layer activation one decode gathers: a (N, D) row table is
-    D wide; a tuple of tables, gathered together for one decoder, is as wide as their sum.
-    256 (LIIF's) when ``prepared`` has no row tables."""
-    def width(item):
-        if torch.is_tensor(item):
-            return item.shape[-1] if item.dim() == 2 else 0
-        if isinstance(item, tuple) and item and all(torch.is_tensor(t) and t.dim() == 2 for t in item):
-            return sum(t.shape[-1] for t in item)
-        return 0
-
-    widths = [width(item) for item in prepared] if isinstance(prepared, tuple) else [width(prepared)]
-    return max(widths + [0]) or 256
 
 
 def choose_tile(lq_shape, per_latent, halo, budget):
@@ -205,15 +190,6 @@ def _own_latent_starts(out_n, in_n):
     for k in range(in_n + 1):
         starts[k] = min(out_n, max(0, -(-(2 * out_n * k - in_n) // (2 * in_n))))
     return starts
-
-
-def _supports_windows(net, lq):
-    probe = lq[:1, :, :8, :8]
-    try:
-        net.prepare_window(net.encode(probe), LatentWindow(probe.shape[-2:], (0, 0), probe.shape[-2:]))
-    except NotImplementedError:
-        return False
-    return True
 
 
 CPUINFO = '/proc/cpuinfo'
@@ -388,9 +364,8 @@ def _render(net, lq, size, tile, chunk_size, halo, sink, workers, context):
     tile = int(tile)
     # when every haloed crop is the whole image anyway, encode it once
     single = all(a - halo <= 0 and z + halo >= n for n in (h, w) for a, z in _spans(n, tile))
-    if not single and not _supports_windows(net, lq):
-        logger.warning('%s cannot prepare a window of its latent grid (override prepare_window): rendering '
-                       'untiled', type(net).__name__)
+    if not single and not net.tileable:
+        logger.warning('%s declares tileable = False: rendering untiled', type(net).__name__)
         single = True
     if single:
         tile = max(h, w)

@@ -381,9 +381,18 @@ def test_arch_without_window_support_renders_untiled(monkeypatch):
     lq = torch.rand(1, 3, 23, 19)
 
     def unsupported(feat, window):
-        raise NotImplementedError
+        raise AssertionError('an arch declaring tileable = False is never asked for a window')
     monkeypatch.setattr(net, 'prepare_window', unsupported)
+    net.tileable = False
     assert (upscale_tiled(net, lq, (40, 33), tile=4) - whole(net, lq, (40, 33))).abs().max().item() <= 1e-5
+
+
+def test_prepare_must_return_prepared_to_tile():
+    net = build(TINY_LIIF)
+    real = net.prepare
+    net.prepare = lambda feat: tuple(real(feat))  # a plain tuple, as archs returned before
+    with pytest.raises(TypeError, match=r'must return Prepared\(rows, grid\).*tileable = False'):
+        upscale_tiled(net, torch.rand(1, 3, 23, 19), (40, 33), tile=4)
 
 
 def test_fixed_scale_models_use_their_own_upscale():

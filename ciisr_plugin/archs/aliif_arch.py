@@ -22,8 +22,8 @@ from torch.nn import functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 from . import fused_cpu
 from .cpu_linear import run_mlp
-from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, decode_lookup, grid_to_rows, latent_conv,
-                             split_first_linear, take_rows)
+from .implicit_query import (ImplicitDecoder, ImplicitSRNet, Prepared, add_query_part, decode_lookup, grid_to_rows,
+                             latent_conv, split_first_linear, take_rows)
 from .liif_arch import MLPDecoder
 
 COEFF_NORMS = ('l2', 'softmax', 'sum')
@@ -229,11 +229,15 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         return fused_cpu.cached_kernel(self, f'basis-{extra}', params, build)
 
     # -- ImplicitSRNet -----------------------------------------------------------------------
+    @property
+    def decode_row_width(self):
+        # the expansion net's and the bases' first-layer rows are gathered for the same queries
+        return self.expansion.layers[0].out_features + self.basis.num_basis * self.basis.dims[1]
+
     def prepare(self, feat):
         grid = self.grid_features(feat)
         width = self.expansion.layers[0].out_features
-        return (grid_to_rows(grid[:, :width]), grid_to_rows(grid[:, width:])), feat.shape[-2:]
+        return Prepared((grid_to_rows(grid[:, :width]), grid_to_rows(grid[:, width:])), tuple(feat.shape[-2:]))
 
     def decode_prepared(self, prepared, lookup):
-        rows, grid_hw = prepared
-        return decode_lookup(self, rows, lookup, grid_hw, self.cell_decode)
+        return decode_lookup(self, prepared.rows, lookup, prepared.grid, self.cell_decode)

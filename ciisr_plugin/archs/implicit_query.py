@@ -68,6 +68,16 @@ class LatentLookup(NamedTuple):
     weight: torch.Tensor  # (S, B, N) local-ensemble blend weight
 
 
+class Prepared(NamedTuple):
+    """What an arch's :meth:`ImplicitSRNet.prepare` hands its decoders for one latent grid.
+
+    ``rows``: the per-latent tables its decoders gather from (one table, or a tuple of them:
+    their structure is the arch's own). ``grid``: the grid's ``(h, w)``, or, for one tile of
+    a larger grid, a :class:`LatentWindow`. The engine reads only ``grid``."""
+    rows: object
+    grid: tuple
+
+
 class LatentWindow(tuple):
     """``(rows, cols)`` of a window cut from a larger latent grid, for tiled inference.
 
@@ -356,11 +366,15 @@ def _as_channel_tensor(value):
 class ImplicitSRNet(nn.Module):
     """Scaffolding shared by every implicit SR arch.
 
-    Subclasses implement :meth:`prepare` (latent grid -> what the queries read: a tuple
-    whose last item is the grid's ``(h, w)``) and :meth:`decode_prepared` (a
-    :class:`LatentLookup` -> normalised output per query); the engine finds the latents
-    (:meth:`query_prepared` for arbitrary coordinates, :meth:`query_grid` for pixel grids).
-    An arch may instead override ``query_prepared`` itself; grids then go through it.
+    Subclasses implement :meth:`prepare` (latent grid -> a :class:`Prepared`: the decoders'
+    row tables and the grid size) and :meth:`decode_prepared` (a :class:`LatentLookup` ->
+    normalised output per query); the engine finds the latents (:meth:`query_prepared` for
+    arbitrary coordinates, :meth:`query_grid` for pixel grids). An arch may instead override
+    ``query_prepared`` itself; grids then go through it. What the renderer needs is declared:
+    :attr:`tileable` (whether a tile's latents can stand in for the whole grid's) and
+    :attr:`decode_row_width` (the widest per-query activation a decode gathers, for chunk
+    sizing); the encoder declares its ``receptive_radius`` when its modules do not tell it.
+    See ``docs/adding_a_model.md``.
     Inputs and outputs are [0, 1] images, BasicSR's convention; the authors'
     ``(x - mean) / std`` normalisation is applied inside.
 
@@ -401,18 +415,27 @@ class ImplicitSRNet(nn.Module):
     def encode(self, lq):
         return self.encoder(self.encoder_input(lq))
 
+    # the renderer may encode tiles (with a halo) and decode each tile's queries against its latents
+    tileable = True
+
+    @property
+    def decode_row_width(self):
+        """Width of the widest first-layer activation one decode gathers per query (the
+        renderer sizes its query chunks by it); LIIF's 256 unless an arch says otherwise."""
+        return 256
+
     def prepare(self, feat):
-        raise NotImplementedError
+        """The latent grid ``feat`` -> :class:`Prepared` (row tables, ``feat``'s ``(h, w)``)."""
+        raise NotImplementedError(f'{type(self).__name__} must implement prepare()')
 
     def prepare_window(self, feat, window):
         """``prepare`` for the latents of one tile, ``window`` (a :class:`LatentWindow`) of the
-        full grid, so that queries read global coordinates against it. The default fits archs
-        whose ``prepare`` returns a tuple ending with the grid size; others override it."""
+        full grid, so that queries read global coordinates against it."""
         prepared = self.prepare(feat)
-        if not (isinstance(prepared, tuple) and tuple(prepared[-1]) == tuple(window)):
-            raise NotImplementedError(f'{type(self).__name__}: prepare() does not return a tuple ending with '
-                                      'the grid size; override prepare_window() to support tiled inference')
-        return prepared[:-1] + (window, )
+        if not isinstance(prepared, Prepared) or tuple(prepared.grid) != tuple(window):
+            raise TypeError(f'{type(self).__name__}.prepare() must return Prepared(rows, grid) with the grid '
+                            f"size (got {type(prepared).__name__}); or set tileable = False")
+        return prepared._replace(grid=window)
 
     def decode_prepared(self, prepared, lookup):
         """Normalised (B, N, out) predictions for the queries of ``lookup``."""
@@ -425,13 +448,13 @@ class ImplicitSRNet(nn.Module):
         """Normalised (B, N, out) predictions at ``coord`` (B, N, 2) with cells ``cell``."""
         if not self._decodes_lookups():
             raise NotImplementedError(f'{type(self).__name__} implements neither decode_prepared nor query_prepared')
-        return self.decode_prepared(prepared, lookup_latents(coord, cell, prepared[-1], self.local_ensemble))
+        return self.decode_prepared(prepared, lookup_latents(coord, cell, prepared.grid, self.local_ensemble))
 
     def query_grid(self, prepared, grid, block, batch):
         """Normalised (B, N, out) predictions at the pixels ``block = (r0, r1, c0, c1)`` of the
         :class:`PixelGrid` ``grid`` (row-major): :meth:`query_prepared` on those queries."""
         if self._decodes_lookups():
-            return self.decode_prepared(prepared, grid.lookup(block, prepared[-1], self.local_ensemble, batch))
+            return self.decode_prepared(prepared, grid.lookup(block, prepared.grid, self.local_ensemble, batch))
         return self.query_prepared(prepared, *grid.coords(block, batch))
 
     def denormalise(self, out):

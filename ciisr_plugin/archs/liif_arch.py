@@ -4,8 +4,8 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 from . import fused_cpu
 from .cpu_linear import run_mlp
-from .implicit_query import (ImplicitDecoder, ImplicitSRNet, add_query_part, decode_lookup, grid_to_rows, latent_conv,
-                             split_first_linear)
+from .implicit_query import (ImplicitDecoder, ImplicitSRNet, Prepared, add_query_part, decode_lookup, grid_to_rows,
+                             latent_conv, split_first_linear)
 
 
 class MLPDecoder(ImplicitDecoder):
@@ -87,9 +87,12 @@ class LIIF(ImplicitSRNet):
         self.decoder = MLPDecoder(self.encoder.out_channels, self.decoder_extra_channels, list(hidden_list),
                                   out_channels, feat_unfold)
 
+    @property
+    def decode_row_width(self):
+        return self.decoder.layers[0].out_features
+
     def prepare(self, feat):
-        return grid_to_rows(self.decoder.grid_features(feat)), feat.shape[-2:]
+        return Prepared(grid_to_rows(self.decoder.grid_features(feat)), tuple(feat.shape[-2:]))
 
     def decode_prepared(self, prepared, lookup):
-        rows, grid_hw = prepared
-        return decode_lookup(self.decoder, rows, lookup, grid_hw, self.cell_decode)
+        return decode_lookup(self.decoder, prepared.rows, lookup, prepared.grid, self.cell_decode)

@@ -17,7 +17,7 @@ difference of images, so only the scale applies: ``IP_2 = d2 * std`` (no mean). 
 import inspect
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from .implicit_query import ImplicitSRNet, decode_lookup, grid_to_rows, lookup_latents
+from .implicit_query import ImplicitSRNet, Prepared, decode_lookup, grid_to_rows, lookup_latents
 from .liif_arch import MLPDecoder
 
 DECODER1_FEATURES = ('mid', 'last')
@@ -77,14 +77,20 @@ class LIIFGAN(ImplicitSRNet):
         last = self.encoder(x)
         return last, (last if self.dual_decoder else None)
 
+    @property
+    def decode_row_width(self):
+        # the two decoders gather their rows one after the other
+        decoders = [self.decoder1] + ([self.decoder2] if self.dual_decoder else [])
+        return max(d.layers[0].out_features for d in decoders)
+
     def prepare(self, feats):
         feat1, feat2 = feats
         rows2 = None if feat2 is None else grid_to_rows(self.decoder2.grid_features(feat2))
-        return grid_to_rows(self.decoder1.grid_features(feat1)), rows2, feat1.shape[-2:]
+        return Prepared((grid_to_rows(self.decoder1.grid_features(feat1)), rows2), tuple(feat1.shape[-2:]))
 
     def decode_parts(self, prepared, lookup):
         """Normalised-space decoder outputs ``(d1, d2)`` (d2 None with one decoder)."""
-        rows1, rows2, grid_hw = prepared
+        (rows1, rows2), grid_hw = prepared
         d1 = decode_lookup(self.decoder1, rows1, lookup, grid_hw, self.cell_decode)
         d2 = None if rows2 is None else decode_lookup(self.decoder2, rows2, lookup, grid_hw, self.cell_decode)
         return d1, d2
@@ -114,6 +120,6 @@ class LIIFGAN(ImplicitSRNet):
                 raise ValueError('LIIFGAN: detach_increment_feature needs the second decoder (dual_decoder true)')
             feat2 = feat2.detach()
         prepared = self.prepare((feat1, feat2))
-        d1, d2 = self.decode_parts(prepared, lookup_latents(coord, cell, prepared[-1], self.local_ensemble))
+        d1, d2 = self.decode_parts(prepared, lookup_latents(coord, cell, prepared.grid, self.local_ensemble))
         ip2 = None if d2 is None else d2 * self.data_std.view(1, 1, -1)
         return self.denormalise(d1), ip2
