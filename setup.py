@@ -5,8 +5,8 @@ setup(
     version='0.1.0',
     description='Arbitrary-scale super-resolution (LIIF, A-LIIF, LIIF-GAN) as a BasicSR plugin',
     packages=find_packages(include=['ciisr_plugin', 'ciisr_plugin.*']),
-    # the fused CPU kernels' C source, compiled at first use (archs/fused_cpu.py)
-    package_data={'ciisr_plugin.archs': ['fused_cpu.c']},
+    # the fused CPU kernels' C source, compiled at first use (ops/fused_cpu.py)
+    package_data={'ciisr_plugin.ops': ['fused_cpu.c']},
     python_requires='>=3.9',
     # torch/torchvision ranges admit the locally cached 2.14.1 / 0.29.1 wheels.
     install_requires=[

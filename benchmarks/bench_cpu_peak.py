@@ -88,7 +88,7 @@ int main(void)
 
 
 def build(tmp):
-    from ciisr_plugin.archs.fused_cpu import compiler as find_compiler
+    from ciisr_plugin.ops.fused_cpu import compiler as find_compiler
     compiler = find_compiler()
     if not compiler:
         sys.exit('bench_cpu_peak: no C compiler found (set CC, or install gcc)')

@@ -203,7 +203,7 @@ CHILDREN = {'infer': _child_infer, 'train': _child_train, 'x30': _child_x30}
 
 
 def _child_main(args, cfg):
-    from ciisr_plugin import allocator
+    from ciisr_plugin.ops import allocator
     task, arch, impl, out_path = args.child
     if args.malloc == 'tuned' and task != 'x30':
         allocator.keep_freed_buffers(allocator.TRAINING if task == 'train' else allocator.INFERENCE)
@@ -316,7 +316,7 @@ def main():
     if args.child:
         return _child_main(args, cfg)
 
-    from ciisr_plugin.inference import cpu_has_amx
+    from ciisr_plugin.ops.cpu_features import cpu_has_amx
     print(f'torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY={args.omp_wait_policy or "(unset)"}, '
           f'malloc {args.malloc}, load average {os.getloadavg()}')
     print(f'CPU: {_cpu_model()}, AMX bf16: {cpu_has_amx()}')

@@ -12,7 +12,7 @@ A subcommand is one entry of :data:`COMMANDS`: ``name -> Command(help, add_argum
 where ``add_arguments(parser)`` declares its arguments and ``run(args)`` returns an exit
 status; a new one (``upscale``, ``export``) is a module with those two functions plus
 one line in that dict. Errors in the user's input (options, checkpoints, paths) end in one line,
-``basicsr: error: ...``, and exit status 2.
+``basicsr COMMAND: error: ...`` (written by :func:`main` alone), and exit status 2.
 """
 import argparse
 import os
@@ -90,7 +90,7 @@ def _run_pipeline(args, command):
     if args.force_yml:
         argv += ['--force_yml', *args.force_yml]
     if command == 'train':
-        from . import allocator
+        from .ops import allocator
         allocator.keep_freed_buffers(allocator.TRAINING)
     saved_argv = sys.argv
     sys.argv = argv  # BasicSR's parse_options reads sys.argv
@@ -240,8 +240,8 @@ def build_parser():
     return parser
 
 
-def _error(message):
-    print(f'{PROG}: error: {message}', file=sys.stderr)
+def _error(message, prog=PROG):
+    print(f'{prog}: error: {message}', file=sys.stderr)
     return 2
 
 
@@ -276,13 +276,18 @@ def main(argv=None):
         parser.print_help()
         return 2
 
-    from .checkpoint import CheckpointError
+    # the one place user errors become a line: options, checkpoints, zoo, images, paths (all
+    # ValueErrors or OSErrors); anything else is a bug and keeps its trace
     try:
         return COMMANDS[args.command].run(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         if os.environ.get('CIISR_TRACEBACK'):  # full trace on demand
             raise
-        return _error(' '.join(str(err).split()) or type(err).__name__)
+        if isinstance(err, OSError) and err.filename:
+            message = f'{err.filename}: {err.strerror or err}'
+        else:
+            message = ' '.join(str(err).split()) or type(err).__name__
+        return _error(message, f'{PROG} {args.command}')
 
 
 if __name__ == '__main__':

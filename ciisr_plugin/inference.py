@@ -28,7 +28,6 @@ import math
 import torch
 from torch import nn
 
-from .archs.cpu_linear import onednn_runs
 from .archs.implicit_query import ImplicitSRNet, LatentWindow, PixelGrid, grid_blocks
 
 logger = logging.getLogger('ciisr')
@@ -190,32 +189,6 @@ def _own_latent_starts(out_n, in_n):
     for k in range(in_n + 1):
         starts[k] = min(out_n, max(0, -(-(2 * out_n * k - in_n) // (2 * in_n))))
     return starts
-
-
-CPUINFO = '/proc/cpuinfo'
-
-
-def cpu_has_amx():
-    """Whether this CPU has AMX bf16 tile units (Linux's /proc/cpuinfo flags); None if unknown.
-
-    Without AMX, bf16 matrix products run on AVX-512 at best at fp32's speed (measured on
-    this project's AVX512-BF16 machine: 140 vs 230 GFLOP/s), so ``precision='bf16'`` only
-    pays on AMX CPUs and GPUs."""
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if line.startswith('flags'):
-                    return 'amx_bf16' in line.split()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_has_bf16_matmul():
-    """Whether oneDNN has bf16 matrix products on this CPU (AVX512-BF16 or AMX). Without them
-    (e.g. AVX2-only CPUs) bf16 products are emulated: measured on a 2-core AVX2 machine,
-    ~10 GFLOP/s vs ~70 for fp32. The same probe decides whether the decoders use it."""
-    return onednn_runs(torch.bfloat16)
 
 
 def check_precision(precision):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from ciisr_plugin.archs import fused_cpu
+from ciisr_plugin.ops import fused_cpu
 from conftest import REPO
 
 PEAK = str(REPO / 'benchmarks' / 'bench_cpu_peak.py')

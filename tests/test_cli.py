@@ -38,7 +38,7 @@ def _run(args, cwd, timeout=180):
 def _last_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.count('\n') == 0, err
-    assert err.startswith('basicsr: error: ')
+    assert re.match(r'basicsr( \w+)?: error: ', err), err
     return err
 
 
@@ -85,7 +85,7 @@ def test_pipeline_arguments_match_basicsr():
 def test_missing_option_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(['train', '-opt', 'missing.yml']) == 2
-    assert _last_line_error(capsys) == "basicsr: error: option file 'missing.yml': no such file"
+    assert _last_line_error(capsys) == "basicsr train: error: option file 'missing.yml': no such file"
     assert not (tmp_path / 'experiments').exists()
 
 
@@ -102,7 +102,7 @@ def test_unknown_type_is_named_before_anything_runs(tmp_path, monkeypatch, capsy
         """))
     assert main(['test', '-opt', 'bad.yml']) == 2
     err = _last_line_error(capsys)
-    assert err.startswith("basicsr: error: option file 'bad.yml': network_g.type: unknown arch type 'EDSRR' "
+    assert err.startswith("basicsr test: error: option file 'bad.yml': network_g.type: unknown arch type 'EDSRR' "
                           "(did you mean 'EDSR'")
     assert not (tmp_path / 'results').exists()
 
@@ -410,7 +410,7 @@ def test_test_refuses_network_g_that_differs_from_the_checkpoint(checkpoint_only
     code, err = _test_run(root, dict(opt, network_g=network_g), 'differs', capsys)
     assert code == 2
     line = err.strip().splitlines()[-1]
-    assert line.startswith('basicsr: error: ') and 'network_g differs from the network stored in' in line, err
+    assert line.startswith('basicsr test: error: ') and 'network_g differs from the network stored in' in line, err
     assert named in line, line
     assert not (root / 'results' / 'differs').exists()
 

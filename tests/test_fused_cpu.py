@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from basicsr.archs import build_network
-from ciisr_plugin.archs import fused_cpu
+from ciisr_plugin.ops import fused_cpu
 from ciisr_plugin.inference import upscale_tiled
 
 HAS_COMPILER = fused_cpu.compiler() is not None

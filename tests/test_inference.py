@@ -5,7 +5,6 @@ checked against the literal LIIF formulation and the authors' fixtures in test_l
 receptive fields measured by perturbing one input pixel, bicubic alpha from
 ``F.interpolate``, and torch for the ONNX graph.
 """
-import argparse
 import os
 import threading
 import time
@@ -23,9 +22,9 @@ from ciisr_plugin import inference
 from ciisr_plugin.archs.implicit_query import (ImplicitSRNet, LatentWindow, PixelGrid, grid_blocks, lookup_latents,
                                                make_cell, make_coord)
 from ciisr_plugin.checkpoint import describe
+from ciisr_plugin.cli import main as cli_main
 from ciisr_plugin.inference import encoder_receptive_radius, tile_halo, upscale_tiled
-from ciisr_plugin.tools import export as export_tool
-from ciisr_plugin.tools import upscale as upscale_tool
+from ciisr_plugin.ops import cpu_features
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -439,9 +438,7 @@ def checkpoint(tmp_path_factory):
 
 
 def upscale_cli(*argv):
-    parser = argparse.ArgumentParser()
-    upscale_tool.add_arguments(parser)
-    return upscale_tool.run(parser.parse_args([str(a) for a in argv]))
+    return cli_main(['upscale', *(str(a) for a in argv)])
 
 
 def expected_image(net, rgb01, size):
@@ -476,20 +473,20 @@ def test_upscale_photo_non_integer_scale_and_size(tmp_path, checkpoint):
 
 def test_amx_is_read_from_the_cpu_flags(tmp_path, monkeypatch):
     info = tmp_path / 'cpuinfo'
-    monkeypatch.setattr(inference, 'CPUINFO', str(info))
+    monkeypatch.setattr(cpu_features, 'CPUINFO', str(info))
     info.write_text('processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n')
-    assert inference.cpu_has_amx() is False
+    assert cpu_features.cpu_has_amx() is False
     info.write_text('processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n')
-    assert inference.cpu_has_amx() is True
-    monkeypatch.setattr(inference, 'CPUINFO', str(tmp_path / 'missing'))
-    assert inference.cpu_has_amx() is None
+    assert cpu_features.cpu_has_amx() is True
+    monkeypatch.setattr(cpu_features, 'CPUINFO', str(tmp_path / 'missing'))
+    assert cpu_features.cpu_has_amx() is None
 
 
 @pytest.mark.parametrize('amx, bf16_matmul', [(False, True), (False, False), (True, True), (None, False)])
 def test_bf16_upscale_notes_a_cpu_without_amx(tmp_path, checkpoint, monkeypatch, capsys, amx, bf16_matmul):
     ckpt, _ = checkpoint
-    monkeypatch.setattr(inference, 'cpu_has_amx', lambda: amx)
-    monkeypatch.setattr(inference, 'cpu_has_bf16_matmul', lambda: bf16_matmul)
+    monkeypatch.setattr(cpu_features, 'cpu_has_amx', lambda: amx)
+    monkeypatch.setattr(cpu_features, 'cpu_has_bf16_matmul', lambda: bf16_matmul)
     cv2.imwrite(str(tmp_path / 'a.png'), photo((10, 12)))
     assert upscale_cli(tmp_path / 'a.png', '-o', tmp_path / 'b.png', '--model', ckpt, '--scale', '2',
                        '--precision', 'bf16', '--device', 'cpu') == 0
@@ -503,7 +500,7 @@ def test_bf16_matmul_support_agrees_with_onednn():
     # where oneDNN says bf16 is supported its bf16 product must run; where not, it raises
     x = torch.randn(4, 8).bfloat16()
     w = torch.randn(3, 8).bfloat16()
-    if inference.cpu_has_bf16_matmul():
+    if cpu_features.cpu_has_bf16_matmul():
         torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], '')
     else:
         with pytest.raises(RuntimeError):
@@ -623,9 +620,7 @@ def _onnxruntime():
 
 
 def export_cli(*argv):
-    parser = argparse.ArgumentParser()
-    export_tool.add_arguments(parser)
-    return export_tool.run(parser.parse_args([str(a) for a in argv]))
+    return cli_main(['export', *(str(a) for a in argv)])
 
 
 @pytest.mark.parametrize('opt', [TINY_LIIF, TINY_ALIIF], ids=['LIIF', 'ALIIF'])

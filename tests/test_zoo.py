@@ -106,7 +106,7 @@ def test_offline_with_nothing_cached_is_one_line(cache, monkeypatch, capsys):
                                    zoo.Source('pypi', 'pkg==1.0', 'pkg/w.pth')))
     assert main(['zoo', 'get', 'test-net']) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith('basicsr: error: zoo model test-net: test-net.pth (sha256 ' + e.sha256)
+    assert err.startswith('basicsr zoo: error: zoo model test-net: test-net.pth (sha256 ' + e.sha256)
     assert 'network unreachable' in err and 'Could not find a version' in err
     assert f"put it at {cache / 'test-net.pth'}" in err
     assert main(['zoo', 'path', 'test-net']) == 2

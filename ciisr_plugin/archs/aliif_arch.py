@@ -11,7 +11,7 @@ once per latent on the LR grid as one convolution (see :mod:`implicit_query`) an
 outputs are mixed per query; every later layer is one product of the stacked bases with
 the outer product ``c (x) h`` (see :meth:`PointwiseBasis.forward`). The same numbers, to
 float rounding, without the per-query matrices. CPU inference runs the bases, from their
-row table to the output, in one fused kernel (:mod:`fused_cpu`).
+row table to the output, in one fused kernel (:mod:`ciisr_plugin.ops.fused_cpu`).
 """
 import math
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from . import fused_cpu
+from ..ops import fused_cpu
 from .cpu_linear import run_mlp
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, Prepared, add_query_part, decode_lookup, grid_to_rows,
                              latent_conv, split_first_linear, take_rows)

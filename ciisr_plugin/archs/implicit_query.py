@@ -311,7 +311,7 @@ class ImplicitDecoder(nn.Module):
     def decode_indexed(self, rows, index, rel_coord, rel_cell):
         """``decode`` on the rows ``index`` (M,) of the prepared table(s) ``rows``. What the
         engine calls: a decoder with a kernel that reads the table itself (see
-        :mod:`fused_cpu`) overrides it; this default gathers, then decodes."""
+        :mod:`ciisr_plugin.ops.fused_cpu`) overrides it; this default gathers, then decodes."""
         return self.decode(take_rows(rows, index), rel_coord, rel_cell)
 
 

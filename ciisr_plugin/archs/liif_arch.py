@@ -2,7 +2,7 @@
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from . import fused_cpu
+from ..ops import fused_cpu
 from .cpu_linear import run_mlp
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, Prepared, add_query_part, decode_lookup, grid_to_rows,
                              latent_conv, split_first_linear)

@@ -14,7 +14,6 @@ onnxruntime to run the graph).
 """
 import contextlib
 import io
-import sys
 import warnings
 
 from torch import nn
@@ -84,22 +83,17 @@ def add_arguments(parser):
 
 
 def run(args):
-    """Exit status 0 on success, 2 on bad input (one line on stderr)."""
+    """Exit status 0; bad input raises (``basicsr``'s entry point reports it in one line, status 2)."""
     from ..archs.implicit_query import ImplicitSRNet
     from ..checkpoint import load_model
-    try:
-        if not args.output.lower().endswith('.onnx'):
-            raise ExportError(f"-o {args.output}: the output name must end in '.onnx'")
-        if args.opset < MIN_OPSET:
-            raise ExportError(f'--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer')
-        net = load_model(args.model, allow_pickle=args.allow_pickle)
-        if not isinstance(net, ImplicitSRNet):
-            raise ExportError(f'{args.model}: {type(net).__name__} has no query function to export '
-                              '(only implicit models such as LIIF / A-LIIF)')
-        export_onnx(net, args.output, args.opset)
-    except (ValueError, OSError) as err:
-        message = str(err) if isinstance(err, ValueError) else f'{err.filename or ""}: {err.strerror or err}'
-        print(f'{PROG}: error: {" ".join(message.split())}', file=sys.stderr)
-        return 2
+    if not args.output.lower().endswith('.onnx'):
+        raise ExportError(f"-o {args.output}: the output name must end in '.onnx'")
+    if args.opset < MIN_OPSET:
+        raise ExportError(f'--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer')
+    net = load_model(args.model, allow_pickle=args.allow_pickle)
+    if not isinstance(net, ImplicitSRNet):
+        raise ExportError(f'{args.model}: {type(net).__name__} has no query function to export '
+                          '(only implicit models such as LIIF / A-LIIF)')
+    export_onnx(net, args.output, args.opset)
     print(f'wrote {args.output} (opset {args.opset}; inputs lq (B,3,h,w), coord (B,N,2), cell (B,N,2))')
     return 0

@@ -229,16 +229,8 @@ def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, p
 
 
 def run(args):
-    """Exit status: 0 when every image was written, 2 on bad input (one line on stderr)."""
-    try:
-        return _run(args)
-    except (ValueError, OSError) as err:  # UpscaleError, CheckpointError, decoding, unwritable -o
-        message = str(err) if isinstance(err, ValueError) else f'{err.filename or ""}: {err.strerror or err}'
-        print(f'{PROG}: error: {" ".join(message.split())}', file=sys.stderr)
-        return 2
-
-
-def _run(args):
+    """Exit status 0 when every image was written; bad input raises (UpscaleError, CheckpointError,
+    decoding errors, an unwritable -o), reported in one line by ``basicsr``'s entry point."""
     from tqdm import tqdm
 
     if (args.scale is None) == (args.size is None):
@@ -264,9 +256,9 @@ def _run(args):
         _check_size(dst, out_size, args.force)
         sizes.append(out_size)
 
-    from .. import allocator
+    from ..ops import allocator
     from ..checkpoint import load_model
-    from ..inference import cpu_has_amx, cpu_has_bf16_matmul
+    from ..ops.cpu_features import cpu_has_amx, cpu_has_bf16_matmul
     from ..zoo import zoo_name
     if args.precision == 'bf16' and device.type == 'cpu' and cpu_has_amx() is False:
         if cpu_has_bf16_matmul():

@@ -39,7 +39,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .cpu_linear import exporting
+from ..archs.cpu_linear import exporting
 
 logger = logging.getLogger('ciisr')
 
