@@ -132,15 +132,11 @@ def check_tiling(summary, device, cfg):
                  f'image: {", ".join(texts)} (<= {TILE_TOL:g})')
 
 
-def _psnr(a, b):
-    mse = float(((a - b) ** 2).mean())
-    return float('inf') if mse == 0 else 10 * np.log10(1 / mse)
-
-
 def check_bf16(summary, device, cfg):
     from ciisr_plugin.data.demo_data import load_skimage_photo
     from ciisr_plugin.data.resize import bicubic_resize
     from ciisr_plugin.inference import upscale_tiled
+    from ciisr_plugin.metrics.psnr_liif_metric import calculate_psnr_liif  # clamps to [0, 1]
     net = _net('LIIF', device)
     texts, worst = [], 0.0
     for name in ('astronaut', 'coffee', 'chelsea'):
@@ -150,7 +146,7 @@ def check_bf16(summary, device, cfg):
         h, w = photo.shape[:2]
         gt = torch.from_numpy(photo.astype(np.float32) / 255).permute(2, 0, 1).unsqueeze(0).to(device)
         lq = torch.from_numpy(bicubic_resize(photo, (h // 4, w // 4))).permute(2, 0, 1).unsqueeze(0).to(device)
-        psnr = {p: _psnr(upscale_tiled(net, lq, (h, w), precision=p).clamp(0, 1), gt) for p in ('fp32', 'bf16')}
+        psnr = {p: calculate_psnr_liif(upscale_tiled(net, lq, (h, w), precision=p), gt) for p in ('fp32', 'bf16')}
         change = psnr['bf16'] - psnr['fp32']
         worst = max(worst, abs(change))
         texts.append(f'{name} {change:+.4f} dB')

@@ -285,8 +285,7 @@ def run(args):
         if args.compare:
             label = os.path.basename(args.model) if zoo_name(args.model) is None else zoo_name(args.model)
             figure = compare_path(dst)
-            summary = write_comparison(figure, picture, _as_rgb_unit(array, picture), label,
-                                       original if args.from_hr else None)
+            summary = write_comparison(figure, picture, array, label, original if args.from_hr else None)
             print(f'{figure}: {summary}')
     return 0
 
@@ -311,31 +310,38 @@ def compare_path(dst):
     return f'{stem}_compare.png'
 
 
-def _as_rgb_unit(array, picture):
-    """The written output array (BGR[A] / gray) back to RGB floats in [0, 1]."""
+def _as_rgb_unit(array):
+    """A written output array (BGR[A] / gray) back to RGB floats in [0, 1]."""
     unit = to_unit(array)
     if unit.ndim == 2:
         return np.repeat(unit[:, :, None], 3, axis=2)
     return unit[:, :, 2::-1] if unit.shape[2] >= 3 else unit
 
 
-def _psnr(a, b):
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float('inf') if mse == 0 else 10 * math.log10(1 / mse)
+def _psnr(img, reference):
+    """Whole-image RGB PSNR of HxWx3 [0, 1] arrays (the LIIF metric, no border shaved)."""
+    import torch
+
+    from ..metrics.psnr_liif_metric import calculate_psnr_liif
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]  # noqa: E731
+    return calculate_psnr_liif(as_tensor(img), as_tensor(reference), mode='none')
 
 
-def write_comparison(path, low, model_rgb, label, original=None):
+def write_comparison(path, low, written, label, original=None):
     """A figure of the most detailed crop of the output: the input (nearest), bicubic, the model
-    and, when known, the original, with PSNRs over the whole image. Written atomically."""
+    (``written``, the array as encoded) and, when known, the original, with PSNRs over the whole
+    image; bicubic is stored at the output's bit depth too, so both are judged alike. Written
+    atomically."""
     import cv2
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
 
     from ..data.resize import bicubic_resize
+    model_rgb = _as_rgb_unit(written)
     out_h, out_w = model_rgb.shape[:2]
     low_rgb = to_unit(low.rgb)
-    bicubic = bicubic_resize(low_rgb, (out_h, out_w))
+    bicubic = to_unit(from_unit(bicubic_resize(low_rgb, (out_h, out_w)), written.dtype))
     nearest = cv2.resize(low_rgb, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
     reference = None if original is None else to_unit(original.rgb)
     # the crop with the most detail (gradient energy) in the reference, else the model output
@@ -348,7 +354,7 @@ def write_comparison(path, low, model_rgb, label, original=None):
     top, left = np.unravel_index(int(np.argmax(valid)), valid.shape)
     panels = [('input (nearest)', nearest, None), ('bicubic', bicubic, None), (label, model_rgb, None)]
     if reference is not None:
-        panels = [(name, img, _psnr(np.clip(img, 0, 1), reference)) for name, img, _ in panels[1:]]
+        panels = [(name, img, _psnr(img, reference)) for name, img, _ in panels[1:]]
         panels.append(('original', reference, None))
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4), dpi=100)
     for ax, (name, img, psnr) in zip(axes, panels):
