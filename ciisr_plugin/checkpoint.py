@@ -10,6 +10,7 @@ import copy
 import os
 import pickle
 import re
+import zipfile
 
 import torch
 
@@ -27,18 +28,22 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------------------------
 # reading files
-def read_checkpoint(path, allow_pickle=False):
+def read_checkpoint(path, allow_pickle=False, lazy=False):
     """``torch.load`` a checkpoint on CPU, refusing arbitrary pickles unless ``allow_pickle``.
 
     Checkpoints of this plugin and the authors' are plain tensors/dicts and load with
     ``weights_only=True``; a file that needs arbitrary code to unpickle is refused with a
-    message saying so (pass ``allow_pickle=True`` only for files you trust).
+    message saying so (pass ``allow_pickle=True`` only for files you trust). ``lazy``: memory-map
+    the tensors (read only when touched), for callers that want the options alone; files in
+    torch's old, non-zip format are read whole.
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'{path}: no such checkpoint file')
     if os.path.getsize(path) == 0:
         raise CheckpointError(f'{path}: checkpoint file is empty')
     try:
+        if lazy and zipfile.is_zipfile(path):
+            return torch.load(path, map_location='cpu', weights_only=not allow_pickle, mmap=True)
         return torch.load(path, map_location='cpu', weights_only=not allow_pickle)
     except pickle.UnpicklingError as err:
         if allow_pickle:

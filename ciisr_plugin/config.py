@@ -246,7 +246,7 @@ def network_from_checkpoint(opt, path):
     if given not in (None, {}) and not isinstance(given, dict):
         return None  # validate_options reports it
     try:
-        stored, _ = identify(read_checkpoint(ckpt_path), ckpt_path)
+        stored, _ = identify(read_checkpoint(ckpt_path, lazy=True), ckpt_path)  # the options, not the weights
     except CheckpointError as err:
         if given in (None, {}):
             raise OptionsError(path, f'network_g is not given and path.pretrain_network_g cannot provide it: '
