@@ -2,9 +2,9 @@
 
 Weights are RANDOM (no trained checkpoint is available offline), at the papers' widths:
 EDSR-baseline encoder, LIIF's 4 x 256 MLP, A-LIIF's K = 10 bases of 4 x 16 mixed by a 4 x 256
-expansion net. The literal side is ``tests/literal_reference.py``: the authors' formulation written
-plainly (3x3-unfolded features, one 580-wide MLP input per query and shift, A-LIIF's per-query
-weight matrices), evaluated on the same parameters.
+expansion net. The literal side is ``tests/literal_reference.py`` running each arch's
+``reference_query``: the authors' formulation written plainly (3x3-unfolded features, one 580-wide
+MLP input per query and shift, A-LIIF's per-query weight matrices), on the same parameters.
 
 Every measurement runs in its own subprocess (so its peak RSS is its own), and the
 implementations alternate (ours, literal, ours, literal, ...) so that load from other
@@ -80,9 +80,9 @@ def _build_net(arch):
     return build_network(dict(NETWORKS[arch]))
 
 
-def _literal_forward(arch):
+def _literal_forward():
     import literal_reference
-    return literal_reference.literal_liif_forward if arch == 'LIIF' else literal_reference.literal_aliif_forward
+    return literal_reference.literal_forward  # runs each arch's own reference_query
 
 
 def _grid(h, w):
@@ -97,7 +97,7 @@ def _child_infer(arch, impl, cfg):
     from ciisr_plugin.inference import upscale_tiled
     from literal_reference import AUTHORS_TEST_BATCH
     net = _build_net(arch).eval()
-    literal = _literal_forward(arch)
+    literal = _literal_forward()
     torch.manual_seed(1)
     lq = torch.rand(1, 3, cfg['lr'], cfg['lr'])
     size = cfg['lr'] * cfg['scale']
@@ -126,7 +126,7 @@ def _child_infer(arch, impl, cfg):
 
 def _child_train(arch, impl, cfg):
     net = _build_net(arch).train()
-    literal = _literal_forward(arch)
+    literal = _literal_forward()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     torch.manual_seed(1)
     b, p, q = cfg['batch'], cfg['patch'], cfg['queries']

@@ -164,9 +164,9 @@ def check_speed(summary, device, cfg):
     lq = torch.rand(1, 3, n, n, device=device)
     coord = make_coord((out, out), device=device).unsqueeze(0)
     cell = make_cell((out, out), coord.shape[1], device=device).unsqueeze(0)
-    forwards = {'LIIF': literal_reference.literal_liif_forward, 'ALIIF': literal_reference.literal_aliif_forward}
+    literal = literal_reference.literal_forward
     texts, ok = [], True
-    for arch, literal in forwards.items():
+    for arch in ('LIIF', 'ALIIF'):
         net = _net(arch, device)
 
         def ours():

@@ -64,6 +64,21 @@ def _first_line(err):
 # the authors' format
 def _authors_encoder_opt(spec):
     name, args = spec['name'], dict(spec.get('args', {}))
+    if name == 'swinir':
+        # The LTE authors' make_swinir builds SwinIR() with its defaults whatever the args (it
+        # ignores no_upsampling and never upsamples), so a real spec is {'no_upsampling': True}:
+        # our defaults. SwinIR's size args are also read, for small models in that format.
+        sizes = ('img_size', 'embed_dim', 'depths', 'num_heads', 'window_size', 'mlp_ratio', 'qkv_bias',
+                 'drop_path_rate', 'patch_norm', 'resi_connection')
+        inert = ('no_upsampling', 'upscale', 'img_range', 'use_checkpoint')  # upsampler / memory only / unused
+        unknown = sorted(set(args) - set(sizes) - set(inert) - {'in_chans'})
+        if unknown:
+            raise CheckpointError(f"authors' swinir encoder: unsupported args {unknown} (known: in_chans, "
+                                  f"{', '.join(sizes)})")
+        opt = {'type': 'SwinIREncoder', **{k: args[k] for k in sizes if k in args}}
+        if 'in_chans' in args:
+            opt['num_in_ch'] = args['in_chans']
+        return opt
     if not args.get('no_upsampling', False):
         raise CheckpointError(f"authors' encoder '{name}' has an upsampling tail (no_upsampling is not set); "
                               'LIIF encoders have none')
@@ -90,59 +105,54 @@ def _authors_encoder_opt(spec):
             'num_block': args.get('n_resblocks', 20),
             'reduction': args.get('reduction', 16),
         }
-    raise CheckpointError(f"authors' encoder '{name}' is not supported (known: edsr-baseline, edsr, rdn, rcan)")
+    raise CheckpointError(f"authors' encoder '{name}' is not supported "
+                          '(known: edsr-baseline, edsr, rdn, rcan, swinir)')
+
+
+def _authors_archs(name):
+    """Our arch classes that read the authors' model ``name`` (each lists it in ``authors_names``)."""
+    from basicsr.utils.registry import ARCH_REGISTRY
+    return [cls for _, cls in ARCH_REGISTRY if name in getattr(cls, 'authors_names', ())]
+
+
+def _known_authors_names():
+    from basicsr.utils.registry import ARCH_REGISTRY
+    return sorted({n for _, cls in ARCH_REGISTRY for n in getattr(cls, 'authors_names', ())})
 
 
 def _authors_network_opt(model_spec):
-    """The authors' ``model`` spec -> our ``network_g`` options."""
-    if model_spec.get('name') != 'liif':
-        raise CheckpointError(f"authors' model '{model_spec.get('name')}' is not supported (known: liif)")
+    """The authors' ``model`` spec -> our ``network_g`` options.
+
+    Each arch says which of the authors' model names it reads (``authors_names``) and turns
+    their ``args`` into its options (``authors_options(name, args, encoder)``, returning None
+    for a spec of that name that is another arch's: the A-LIIF authors save as 'liif' too).
+    """
+    name = model_spec.get('name')
     args = model_spec.get('args', {})
-    flags = {k: args.get(k, True) for k in ('local_ensemble', 'feat_unfold', 'cell_decode')}
+    archs = _authors_archs(name)
+    if not archs:
+        raise CheckpointError(f"authors' model '{name}' is not supported (known: "
+                              f"{', '.join(_known_authors_names())})")
     encoder = _authors_encoder_opt(args['encoder_spec'])
-    imnet = args.get('imnet_spec')
-    if imnet is None:
-        raise CheckpointError("authors' LIIF without imnet (nearest-neighbour sampling) is not supported")
-    imnet_args = imnet.get('args', {})
-    if args.get('pdn_spec') is not None or imnet['name'] == 'mlp_pw':  # A-LIIF
-        pdn_args = args['pdn_spec'].get('args', {})
-        basis_args = args['basis_spec'].get('args', {})
-        return {
-            'type': 'ALIIF',
-            'encoder': encoder,
-            'num_basis': basis_args.get('basis_num', pdn_args.get('out_dim', 10)),
-            'basis_hidden': [basis_args.get('hidden', 16)] * len(imnet_args.get('hidden_list', [16] * 4)),
-            'expansion_hidden': list(pdn_args.get('hidden_list', [256] * 4)),
-            'coeff_norm': 'l2',
-            'out_channels': imnet_args.get('out_dim', 3),
-            **flags,
-        }
-    if imnet['name'] != 'mlp':
-        raise CheckpointError(f"authors' imnet '{imnet['name']}' is not supported (known: mlp, mlp_pw)")
-    return {
-        'type': 'LIIF',
-        'encoder': encoder,
-        'hidden_list': list(imnet_args.get('hidden_list', [256] * 4)),
-        'out_channels': imnet_args.get('out_dim', 3),
-        **flags,
-    }
-
-
-# (pattern, replacement) applied in order to the authors' state-dict keys; None drops the key. The
-# encoder's rules sit beside each encoder (``authors_key_rules``); these are the decoders'.
-_DECODER_KEYS = [
-    (r'^imnet\.layers\.', 'decoder.layers.'),
-    (r'^pdn\.layers\.', 'expansion.layers.'),
-    (r'^basis\.w(\d+)$', r'basis.weight\1'),
-    # their biases are numbered 1..5 while the weights are 0..4; ours share one index
-    (r'^basis\.bias(\d+)$', lambda m: f'basis.bias{int(m.group(1)) - 1}'),
-]
+    for cls in archs:
+        try:
+            opt = cls.authors_options(name, args, encoder)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        if opt is not None:
+            return opt
+    raise CheckpointError(f"authors' model '{name}' with these arguments is not supported "
+                          f"(keys: {sorted(args)})")
 
 
 def _authors_state_dict(sd, network_opt):
+    """Rename the authors' keys to ours: the arch's decoder rules (``authors_decoder_keys``),
+    then the encoder's (``authors_key_rules``); the first matching pattern applies, a None
+    replacement drops the key."""
     from basicsr.utils.registry import ARCH_REGISTRY
     encoder = network_opt['encoder']
-    rules = list(_DECODER_KEYS) + ARCH_REGISTRY.get(encoder['type']).authors_key_rules(encoder)
+    rules = (list(getattr(ARCH_REGISTRY.get(network_opt['type']), 'authors_decoder_keys', []))
+             + ARCH_REGISTRY.get(encoder['type']).authors_key_rules(encoder))
     out = {}
     for key, value in sd.items():
         new_key = key

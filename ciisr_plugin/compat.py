@@ -2,7 +2,7 @@
 
 Each fix is explicit and small, names its upstream issue, replaces named BasicSR
 attributes (the originals are kept: :func:`original`), is applied once by :func:`apply`
-(called when ``ciisr_plugin`` is imported) and has a test in ``tests/test_compat.py``
+(called when ``ciisr_plugin`` is imported) and has a test in ``tests/training/test_compat.py``
 that fails without it.
 
 1. ``torchvision.transforms.functional_tensor`` shim - basicsr#650.

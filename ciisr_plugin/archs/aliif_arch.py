@@ -12,6 +12,8 @@ outputs are mixed per query; every later layer is one product of the stacked bas
 the outer product ``c (x) h`` (see :meth:`PointwiseBasis.forward`). The same numbers, to
 float rounding, without the per-query matrices. CPU inference runs the bases, from their
 row table to the output, in one fused kernel (:mod:`ciisr_plugin.ops.fused_cpu`).
+:meth:`ALIIF.reference_query` is the paper's model written plainly, per-query matrices and
+all; the fast path is tested equal to it.
 """
 import math
 
@@ -24,7 +26,7 @@ from ..ops import fused_cpu
 from .cpu_linear import run_mlp
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, Prepared, add_query_part, decode_lookup, grid_to_rows,
                              latent_conv, split_first_linear, take_rows)
-from .liif_arch import MLPDecoder
+from .liif_arch import MLPDecoder, authors_liif_flags, is_aliif_spec, paper_query
 
 COEFF_NORMS = ('l2', 'softmax', 'sum')
 
@@ -171,6 +173,25 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         self.basis = PointwiseBasis(
             int(num_basis), self.decoder_in_channels + self.decoder_extra_channels, list(basis_hidden), out_channels)
 
+    def reference_query(self, feat, coord, cell=None):
+        """The paper's model, plainly: LIIF's query (:func:`paper_query`) where each query's input
+        ``x`` goes through its own MLP, whose layers are ``W_q = sum_k c_k W_k``, ``b_q = sum_k c_k
+        b_k`` with ``c`` = the expansion net's normalised output on the same ``x`` - each ``W_q``
+        materialised, as in the authors' code. :meth:`prepare` + :meth:`decode_prepared` give the
+        same (B, N, out), normalised, faster."""
+        basis = self.basis
+
+        def per_query_mlp(x):
+            coeff = normalise_coefficients(self.expansion.layers(x), self.coeff_norm)  # (M, K)
+            for i in range(basis.num_layers):
+                weight_q = (coeff @ getattr(basis, f'weight{i}')).view(-1, basis.dims[i + 1], basis.dims[i])
+                x = (x.unsqueeze(1) * weight_q).sum(dim=2) + coeff @ getattr(basis, f'bias{i}')
+                if i < basis.num_layers - 1:
+                    x = torch.relu(x)
+            return x
+
+        return paper_query(feat, coord, cell, per_query_mlp, self.local_ensemble, self.feat_unfold, self.cell_decode)
+
     # -- ImplicitDecoder ---------------------------------------------------------------------
     def _first_layer_weights(self):
         """First layers of the expansion net and of all bases as one (E + K * hidden0, in) matrix."""
@@ -241,3 +262,30 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
 
     def decode_prepared(self, prepared, lookup):
         return decode_lookup(self, prepared.rows, lookup, prepared.grid, self.cell_decode)
+
+    # -- the A-LIIF authors' checkpoints (saved as 'liif', with pdn_spec / basis_spec) ---------
+    authors_names = ('liif', )
+    authors_decoder_keys = [
+        (r'^pdn\.layers\.', 'expansion.layers.'),
+        (r'^basis\.w(\d+)$', r'basis.weight\1'),
+        # their biases are numbered 1..5 while the weights are 0..4; ours share one index
+        (r'^basis\.bias(\d+)$', lambda m: f'basis.bias{int(m.group(1)) - 1}'),
+    ]
+
+    @classmethod
+    def authors_options(cls, name, args, encoder):
+        if not is_aliif_spec(args):
+            return None
+        imnet_args = args['imnet_spec'].get('args', {})
+        pdn_args = args['pdn_spec'].get('args', {})
+        basis_args = args['basis_spec'].get('args', {})
+        return {
+            'type': 'ALIIF',
+            'encoder': encoder,
+            'num_basis': basis_args.get('basis_num', pdn_args.get('out_dim', 10)),
+            'basis_hidden': [basis_args.get('hidden', 16)] * len(imnet_args.get('hidden_list', [16] * 4)),
+            'expansion_hidden': list(pdn_args.get('hidden_list', [256] * 4)),
+            'coeff_norm': 'l2',
+            'out_channels': imnet_args.get('out_dim', 3),
+            **authors_liif_flags(args),
+        }

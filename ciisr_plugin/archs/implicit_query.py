@@ -107,7 +107,7 @@ def _nearest_latent(shifted, h, w):
     return tuple(p.view(s, b, n).long() for p in picked)
 
 
-def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
+def lookup_latents(coord, cell, grid_hw, local_ensemble=True, centre_hw=None):
     """Nearest latents of each query for every ensemble shift.
 
     Args:
@@ -116,6 +116,10 @@ def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
         grid_hw: (h, w) of the latent grid, or a :class:`LatentWindow` of it (the index
             then points into the window's rows; every query must land inside it).
         local_ensemble: blend the four surrounding latents (LIIF's local ensemble).
+        centre_hw: measure the relative coordinate from the nearest centre of this grid
+            instead (still in units of the latent grid's cells). Only the LTE authors' model
+            does, with the input's grid: it differs from the latent grid when the encoder
+            pads its input (their SwinIR), and then the two nearest points differ too.
     """
     window = grid_hw if isinstance(grid_hw, LatentWindow) else None
     h, w = grid_hw if window is None else window.full_hw
@@ -132,7 +136,12 @@ def lookup_latents(coord, cell, grid_hw, local_ensemble=True):
 
     row_idx, col_idx = _nearest_latent(shifted, h, w)
 
-    centre = torch.stack([coord_axis(h, coord.device)[row_idx], coord_axis(w, coord.device)[col_idx]], dim=-1)
+    if centre_hw is None or tuple(centre_hw) == (h, w):
+        centre_hw, centre_rows, centre_cols = (h, w), row_idx, col_idx
+    else:
+        centre_rows, centre_cols = _nearest_latent(shifted, *centre_hw)
+    centre = torch.stack([coord_axis(centre_hw[0], coord.device)[centre_rows],
+                          coord_axis(centre_hw[1], coord.device)[centre_cols]], dim=-1)
     rel_coord = coord.unsqueeze(0) - centre
     rel_coord[..., 0] *= h
     rel_coord[..., 1] *= w
@@ -227,14 +236,54 @@ class PixelGrid:
     rows and W columns, and a block's lookup is a few broadcasts of slices of them - the
     very same float operations as :func:`lookup_latents` on the pixels' coordinates, so
     the result is identical (tested bit for bit).
+
+    Two evaluation-protocol knobs (both off by default; the LTE authors' ``test.py``):
+
+    * ``cell_scale = (fy, fx)`` multiplies the cell every query carries, per axis, keeping
+      the coordinates: the authors' cell clipping for extrapolation is
+      ``cell * max(scale / scale_max, 1)``. The cell is computed in float32 as they do it:
+      ``2 / H`` (or ``2 / extent``) rounded to float32, then times the factor in float32.
+    * ``extent = (EH, EW)``: the pixels are the top-left ``(H, W)`` of a grid of ``EH x EW``
+      equal cells on [-1, 1] (an int, a :class:`fractions.Fraction` or a float per axis,
+      ``>=`` the rendered size; default ``(H, W)``). For an output rendered from an LR image
+      padded at its bottom/right, ``EH = H * padded_h / h`` keeps the pixel pitch of the
+      unpadded output (a whole number for integer scales, where the grid is exactly the
+      authors' ``make_coord(EH)`` cropped). Cells are ``2 / EH``.
     """
 
-    def __init__(self, out_hw, device=None):
+    def __init__(self, out_hw, device=None, cell_scale=None, extent=None):
         self.out_hw = (int(out_hw[0]), int(out_hw[1]))
-        self.rows = coord_axis(self.out_hw[0], device)
-        self.cols = coord_axis(self.out_hw[1], device)
-        self.cell = (2 / self.out_hw[0], 2 / self.out_hw[1])
+        extent = self.out_hw if extent is None else tuple(extent)
+        if len(extent) != 2 or any(not e >= n for e, n in zip(extent, self.out_hw)):
+            raise ValueError(f'PixelGrid: extent {extent} must be (EH, EW) >= the rendered size {self.out_hw}')
+        self.extent = extent
+        self.rows = self._axis(self.out_hw[0], extent[0], device)
+        self.cols = self._axis(self.out_hw[1], extent[1], device)
+        fy, fx = (1.0, 1.0) if cell_scale is None else (float(cell_scale[0]), float(cell_scale[1]))
+        if not (0 < fy < float('inf') and 0 < fx < float('inf')):
+            raise ValueError(f'PixelGrid: cell_scale must be two positive finite factors, got {cell_scale}')
+        self.cell_scale = (fy, fx)
+        self.cell = tuple(self._cell(e, f) for e, f in zip(extent, self.cell_scale))
         self._axes = {}
+
+    @staticmethod
+    def _axis(count, extent, device):
+        """The first ``count`` of ``extent`` cell centres: :func:`coord_axis`'s formula with
+        ``r = 1 / extent`` (correctly rounded, also for a fractional extent)."""
+        if extent == count:
+            return coord_axis(count, device)
+        from fractions import Fraction
+        r = float(1 / Fraction(extent))
+        return (-1 + r) + (2 * r) * torch.arange(count, device=device, dtype=torch.float32)
+
+    @staticmethod
+    def _cell(extent, factor):
+        """``2 / extent`` in float32, times ``factor`` as a float32 op; as a Python float."""
+        from fractions import Fraction
+        cell = torch.tensor(float(2 / Fraction(extent)), dtype=torch.float32)
+        if factor != 1:
+            cell = cell * factor
+        return cell.item()
 
     def lookup(self, block, grid_hw, local_ensemble=True, batch=1):
         """:class:`LatentLookup` of the pixels ``block = (r0, r1, c0, c1)``."""
@@ -254,7 +303,8 @@ class PixelGrid:
         r0, r1, c0, c1 = block
         coord = torch.stack(torch.meshgrid(self.rows[r0:r1], self.cols[c0:c1], indexing='ij'), dim=-1)
         coord = coord.view(1, -1, 2).expand(batch, -1, -1)
-        return coord, make_cell(self.out_hw, coord.shape[1], coord.device).unsqueeze(0).expand(batch, -1, -1)
+        cell = torch.tensor(self.cell, device=coord.device, dtype=torch.float32).repeat(coord.shape[1], 1)
+        return coord, cell.unsqueeze(0).expand(batch, -1, -1)
 
 
 def grid_to_rows(grid):

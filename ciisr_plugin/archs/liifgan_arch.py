@@ -8,6 +8,8 @@ feature, trained with L1 + GAN + perceptual losses on its output.
 
 Both decoders are :class:`~.liif_arch.MLPDecoder` driven by the shared query engine; the
 mid and last features live on the same LR grid, so one :func:`lookup_latents` serves both.
+:meth:`LIIFGAN.reference_query` is the paper's model written plainly (two LIIF queries, summed);
+the fast path is tested equal to it.
 
 Normalisation: decoders work in the normalised space ``(x - mean) / std``. Decoder 1's
 output ``d1`` is an image there, ``IP_1 = d1 * std + mean``; decoder 2's output ``d2`` is a
@@ -18,7 +20,7 @@ import inspect
 
 from basicsr.utils.registry import ARCH_REGISTRY
 from .implicit_query import ImplicitSRNet, Prepared, decode_lookup, grid_to_rows, lookup_latents
-from .liif_arch import MLPDecoder
+from .liif_arch import MLPDecoder, paper_query
 
 DECODER1_FEATURES = ('mid', 'last')
 
@@ -67,6 +69,16 @@ class LIIFGAN(ImplicitSRNet):
                                    feat_unfold)
         self.decoder2 = MLPDecoder(channels, self.decoder_extra_channels, list(hidden_list), out_channels,
                                    feat_unfold) if self.dual_decoder else None
+
+    def reference_query(self, feats, coord, cell=None):
+        """The paper's model, plainly: each decoder is LIIF's query (:func:`paper_query`) on its own
+        feature, ``feats = (feature 1, feature 2 or None)`` as :meth:`encode` gives them; the output
+        is ``d1 + d2`` in the normalised space (``d1`` alone with one decoder). :meth:`prepare` +
+        :meth:`decode_prepared` give the same (B, N, out) faster."""
+        flags = (self.local_ensemble, self.feat_unfold, self.cell_decode)
+        feat1, feat2 = feats
+        d1 = paper_query(feat1, coord, cell, self.decoder1.layers, *flags)
+        return d1 if feat2 is None else d1 + paper_query(feat2, coord, cell, self.decoder2.layers, *flags)
 
     # ------------------------------------------------------------------ engine hooks
     def encode(self, lq):

@@ -1,5 +1,6 @@
 """Training and evaluation of implicit (arbitrary-scale) SR networks inside BasicSR."""
 import copy
+import math
 from collections import OrderedDict
 from os import path as osp
 
@@ -17,13 +18,34 @@ from ciisr_plugin.archs.fixed_scale_arch import pil_bicubic_resize
 from ciisr_plugin.checkpoint import (NETWORK_OPT_KEY, CheckpointError, convert_authors_checkpoint,
                                      is_authors_checkpoint, load_state_dict_exact, read_checkpoint, save_atomic)
 from ciisr_plugin.config import to_plain
-from ciisr_plugin.inference import upscale_tiled
+from ciisr_plugin.inference import check_pad_to_window, upscale_tiled
 from ciisr_plugin.resume import rng_states, set_rng_states
 from ciisr_plugin.results import scale_label, write_results_report
 
 # Metrics that follow the LIIF paper's float protocol take the float RGB tensors in [0, 1]
 # instead of BasicSR's quantised BGR uint8 images.
 FLOAT_METRICS = {'calculate_psnr_liif', 'calculate_lpips'}
+
+
+def eval_protocol(val_opt):
+    """``(cell_clip_scale_max, pad_to_window)`` from the ``val`` options: the LTE authors'
+    evaluation (their ``test.py --scale_max 4 --window 8``); ``(None, 0)`` = the LIIF
+    authors' (no cell clipping, no padding). ValueError naming the option if malformed."""
+    val_opt = val_opt or {}
+    scale_max = val_opt.get('cell_clip_scale_max')
+    if scale_max is not None:
+        if isinstance(scale_max, bool) or not isinstance(scale_max, (int, float)) or not 0 < scale_max < math.inf:
+            raise ValueError('val.cell_clip_scale_max must be a positive number (the largest training scale, e.g. '
+                             f'4; null: no cell clipping), got {scale_max!r}')
+    return scale_max, check_pad_to_window(val_opt.get('pad_to_window'), 'val.pad_to_window')
+
+
+def clipped_cell_scale(scale, scale_max):
+    """Per-axis factors ``max(s / scale_max, 1)`` on the query cell (the LTE authors' cell
+    clipping: beyond ``scale_max`` the cell stays that of ``scale_max``); None without clipping."""
+    if scale_max is None:
+        return None
+    return tuple(max(s / scale_max, 1) for s in scale)
 
 
 @MODEL_REGISTRY.register()
@@ -36,9 +58,16 @@ class ArbitraryScaleSRModel(SRModel):
     A validation/test dataset may list several scales (``scales: [2, 3, 4, 3.5]``): it is
     evaluated once per scale and reported as ``<name>_x<scale>``. With ``val.bicubic_baseline``
     every metric is also computed for bicubic interpolation of the same input, measured the
-    same way, and logged beside the model's.
+    same way, and logged beside the model's. ``val.cell_clip_scale_max`` and ``val.pad_to_window``
+    switch to the LTE authors' protocol (cell clipping, window padding; see :func:`eval_protocol`
+    and :func:`~ciisr_plugin.inference.upscale_tiled`); the bicubic baseline is unaffected.
     Saved checkpoints are self-describing: they carry ``network_g`` (see ``load_model``).
     """
+
+    def __init__(self, opt):
+        # the evaluation protocol options fail before any network is built
+        self.cell_clip_scale_max, self.pad_to_window = eval_protocol(opt.get('val'))
+        super().__init__(opt)
 
     # ------------------------------------------------------------------ data
     def feed_data(self, data):
@@ -97,9 +126,14 @@ class ArbitraryScaleSRModel(SRModel):
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
         was_training = net.training
         net.eval()
+        size = self.output_size()
+        # val.cell_clip_scale_max: the dataset's (nominal) scale, else the size ratio
+        scale = self.scale or [size[0] / self.lq.shape[-2], size[1] / self.lq.shape[-1]]
         with torch.no_grad():
             # the renderer basicsr upscale uses (bounded memory, every core); val.chunk_size = queries per block
-            self.output = upscale_tiled(net, self.lq, self.output_size(), chunk_size=self.opt['val'].get('chunk_size'))
+            self.output = upscale_tiled(net, self.lq, size, chunk_size=(self.opt.get('val') or {}).get('chunk_size'),
+                                        cell_scale=clipped_cell_scale(scale, self.cell_clip_scale_max),
+                                        pad_to_window=self.pad_to_window)
         net.train(was_training)
 
     # ------------------------------------------------------------------ validation

@@ -60,6 +60,9 @@ def add_arguments(parser):
     parser.add_argument('--from-hr', action='store_true',
                         help='the inputs are originals: shrink each by the scale (bicubic) first and upscale back '
                         'to its size, so the result (and --compare, with PSNRs) can be judged against it')
+    parser.add_argument('--cell-clip', type=str, default=None, metavar='SCALE_MAX',
+                        help='the LTE authors\' cell clipping: queries carry the cell of at most SCALE_MAX (the '
+                        'largest training scale, e.g. 4) per axis, i.e. cell * max(scale / SCALE_MAX, 1)')
     parser.add_argument('--force', action='store_true',
                         help=f'allow outputs over {MAX_OUTPUT_PIXELS / 1e6:.0f} megapixels (16384 x 16384)')
 
@@ -196,8 +199,10 @@ def _device(name):
 
 
 # ----------------------------------------------------------------------------------------------
-def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, precision='fp32', progress=None):
-    """Model output of ``picture`` at ``size`` (H, W) as the array to encode (BGR[A] / gray)."""
+def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, precision='fp32', progress=None,
+                    cell_scale=None):
+    """Model output of ``picture`` at ``size`` (H, W) as the array to encode (BGR[A] / gray);
+    ``cell_scale``: per-axis factors on the query cell (see ``upscale_tiled``)."""
     import cv2
     import torch
 
@@ -221,7 +226,8 @@ def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, p
             progress(rgb.shape[0] * rgb.shape[1])
 
     lq = torch.from_numpy(to_float01(picture.rgb)).permute(2, 0, 1).unsqueeze(0).to(device)
-    upscale_tiled(net, lq, (out_h, out_w), tile=tile, precision=precision, halo=halo, sink=sink)
+    upscale_tiled(net, lq, (out_h, out_w), tile=tile, precision=precision, halo=halo, sink=sink,
+                  cell_scale=cell_scale)
     if picture.alpha is not None:
         alpha = cv2.resize(to_unit(picture.alpha), (out_w, out_h), interpolation=cv2.INTER_CUBIC)
         out[:, :, 3] = from_unit(alpha, dtype)
@@ -243,6 +249,7 @@ def run(args):
         raise UpscaleError(f'--halo must be >= 0, got {args.halo}')
     if args.from_hr and scale is None:
         raise UpscaleError('--from-hr needs --scale (the input is shrunk by it, then upscaled back to its size)')
+    cell_clip = None if args.cell_clip is None else _positive_float(args.cell_clip, '--cell-clip')
     device = _device(args.device)
     jobs = plan(args.inputs, args.output)
     sizes = []
@@ -277,8 +284,12 @@ def run(args):
         ext = os.path.splitext(dst)[1].lower()
         with tqdm(total=out_size[0] * out_size[1], desc=os.path.basename(src), unit='px', unit_scale=True,
                   leave=False, disable=None) as bar:
+            cell_scale = None
+            if cell_clip is not None:  # the given scale, else the size ratio, per axis
+                ratio = scale or (out_size[0] / picture.rgb.shape[0], out_size[1] / picture.rgb.shape[1])
+                cell_scale = tuple(max(r / cell_clip, 1) for r in ratio)
             array = upscale_picture(net, picture, out_size, device, ext, args.tile, args.halo, args.precision,
-                                    bar.update)
+                                    bar.update, cell_scale)
         os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
         write_encoded(dst, array)
         print(f'{src} -> {dst} ({out_size[1]}x{out_size[0]})')

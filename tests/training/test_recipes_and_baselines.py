@@ -1,14 +1,13 @@
 """Every recipe under options/ validates; fixed-scale baselines run in the arbitrary-scale harness."""
-from pathlib import Path
-
 import pytest
 import torch
 from basicsr.archs import build_network
 from torch.nn import functional as F
 
 from ciisr_plugin.config import load_options, validate_options
+from conftest import REPO
 
-OPTIONS = sorted(p for p in (Path(__file__).resolve().parents[1] / 'options').rglob('*.yml')
+OPTIONS = sorted(p for p in (REPO / 'options').rglob('*.yml')
                  if not p.name.startswith('base_'))  # bases are not runnable on their own
 
 

@@ -3,11 +3,11 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SUMMARY = re.compile(r'^\s*(x[\d.x]+): psnr ([\d.]+) \(bicubic ([\d.]+)\)', re.M)
 
 

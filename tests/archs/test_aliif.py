@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import ciisr_plugin
-import literal_reference as literal  # tests/literal_reference.py: the paper's per-query formulation
-from ciisr_plugin.archs.aliif_arch import ALIIF
+from ciisr_plugin.archs.aliif_arch import ALIIF, normalise_coefficients
+from literal_reference import literal_forward  # the arch's reference_query, as a whole network
 
 ALIIF_FIXTURE = 'aliif_edsr_baseline_x3.pt'  # shared/fixtures/authors, found by conftest's authors_fixture
 TINY_EDSR = {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 2}
@@ -116,7 +116,7 @@ def test_fast_path_matches_literal(case):
     coord, cell = _queries(2, (13, 11), 40)  # non-integer, anisotropic scale + random points
     with torch.no_grad():
         ours = net(lq, coord, cell)
-        ref = literal.literal_aliif_forward(net, lq, coord, cell)
+        ref = literal_forward(net, lq, coord, cell)
     assert ours.shape == ref.shape == (2, coord.shape[1], net.basis.dims[-1])
     assert ref.std() > 0.05  # the comparison is not between two near-constants
     err = (ours - ref).abs().max().item()
@@ -130,7 +130,7 @@ def test_upscale_matches_literal_on_grid():
     coord, cell = _queries(1, (17, 9), 0)
     with torch.no_grad():
         img = net.upscale(lq, size=(17, 9))
-        ref = literal.literal_aliif_forward(net, lq, coord, cell, chunk=50)
+        ref = literal_forward(net, lq, coord, cell, chunk=50)
     err = (img.permute(0, 2, 3, 1).reshape(1, -1, 3) - ref).abs().max().item()
     assert err <= 1e-5, err
 
@@ -148,13 +148,27 @@ def test_gradients_match_literal_and_reach_every_decoder_parameter():
         return {n: p.grad.clone() for n, p in net.named_parameters()}
 
     ours = grads(lambda m, *a: m(*a))
-    ref = grads(literal.literal_aliif_forward)
+    ref = grads(literal_forward)
     for name, g in ours.items():
         scale = ref[name].abs().max().item()
         assert (g - ref[name]).abs().max().item() <= 1e-5 * max(1.0, scale), name
         if name.startswith(('expansion.layers.', 'basis.')):
             assert torch.isfinite(g).all() and g.abs().max() > 0, f'no gradient reaches {name}'
     assert {f'basis.weight{i}' for i in range(3)} | {f'basis.bias{i}' for i in range(3)} <= set(ours)
+
+
+def test_coefficient_normalisations_are_their_definitions():
+    # the reference and the fast path share normalise_coefficients: here it meets the
+    # definitions written out (F.normalize is x / max(||x||_2, eps))
+    torch.manual_seed(7)
+    logits = torch.randn(50, 6)
+    e = torch.exp(logits - logits.max(dim=-1, keepdim=True).values)
+    expected = {'l2': logits / logits.norm(p=2, dim=-1, keepdim=True).clamp_min(1e-12),
+                'softmax': e / e.sum(dim=-1, keepdim=True),
+                'sum': logits / logits.sum(dim=-1, keepdim=True)}
+    for mode, want in expected.items():
+        torch.testing.assert_close(normalise_coefficients(logits, mode), want, rtol=1e-6, atol=1e-7, msg=mode)
+    assert torch.equal(normalise_coefficients(torch.zeros(2, 3), 'l2'), torch.zeros(2, 3))  # eps, no 0 / 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from test_liifgan import _random_alexnet_features_state, _random_vgg19_state
+from offline_weights import write_torch_home
 from test_reliability import SLOW_SAVE
 
 
@@ -58,10 +58,7 @@ def _env(torch_home):
 def home(tmp_path_factory):
     """Random VGG19 / AlexNet weights where the perceptual loss and LPIPS look (no downloads)."""
     root = tmp_path_factory.mktemp('resume_recipes')
-    checkpoints = root / 'torch' / 'hub' / 'checkpoints'
-    checkpoints.mkdir(parents=True)
-    torch.save(_random_vgg19_state(), checkpoints / 'vgg19-dcbb9e9d.pth')
-    torch.save(_random_alexnet_features_state(), checkpoints / 'alexnet-owt-7be5be79.pth')
+    write_torch_home(root / 'torch')
     (root / 'wrapper.py').write_text(SLOW_SAVE)
     return root
 

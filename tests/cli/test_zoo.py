@@ -96,6 +96,30 @@ def test_a_wrong_file_is_never_cached(cache, monkeypatch):
         zoo.get('test-net')
 
 
+def test_an_unverified_entry_caches_only_a_checkpoint(cache, monkeypatch, capsys):
+    """Entries without a known sha256 (the LTE authors' Google Drive files): a web page in place
+    of the weights is refused and nothing is cached; a real checkpoint is cached, digest printed."""
+    _entry(monkeypatch, b'', (zoo.Source('url', 'https://example.invalid/w.pth'), ), sha='')
+    page = b'<!DOCTYPE html><html>Google Drive can not scan this file for viruses</html>'
+    monkeypatch.setattr(zoo.urllib.request, 'urlopen', lambda url, timeout=None: io.BytesIO(page))
+    with pytest.raises(zoo.ZooError, match='not a torch checkpoint'):
+        zoo.get('test-net', log=lambda line: None)
+    assert os.listdir(cache) == []
+    buffer = io.BytesIO()
+    torch.save({'model': {'name': 'lte', 'args': {}, 'sd': {}}}, buffer)
+    monkeypatch.setattr(zoo.urllib.request, 'urlopen', lambda url, timeout=None: io.BytesIO(buffer.getvalue()))
+    got = zoo.get('test-net', log=lambda line: None)
+    assert open(got, 'rb').read() == buffer.getvalue()
+    assert hashlib.sha256(buffer.getvalue()).hexdigest() in capsys.readouterr().err
+
+
+def test_lte_family_releases_are_listed_with_sources_and_licences():
+    for name in ('lte-edsr-baseline', 'lte-plus-edsr-baseline', 'lte-rdn', 'lte-swinir', 'metasr-swinir'):
+        e = zoo.entry(name)
+        assert e.licence.startswith('BSD-3-Clause') and e.sources and e.sources[0].where.startswith('https://')
+        assert e.sha256 == ''  # none could be fetched and checked here: never a made-up digest
+
+
 def test_offline_with_nothing_cached_is_one_line(cache, monkeypatch, capsys):
     _no_network(monkeypatch, [])
 

@@ -1,0 +1,63 @@
+"""The LTE-family recipes train through `basicsr train` as shipped, shortened with --force_yml only."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+# The recipes' networks at full size (RDN-LTE 22M, SwinIR-LTE 12M parameters), on the bundled
+# photos, on the CPU: smaller batches, patches and query sets so each run takes about a minute.
+SHORTEN = [
+    'num_gpu=0', 'datasets:train:dataroot_gt=skimage://train', 'datasets:train:cache_images=true',
+    'datasets:train:num_worker_per_gpu=0', 'datasets:train:batch_size_per_gpu=2', 'datasets:train:lq_size=32',
+    'datasets:train:sample_q=1024', 'datasets:train:dataset_enlarge_ratio=100', 'datasets:val:dataroot_gt=skimage://val',
+    'train:total_iter=40', 'logger:print_freq=2', 'logger:use_tb_logger=false', 'logger:save_checkpoint_freq=1000000',
+    'val:val_freq=1000000000'
+]
+RECIPES = ['train_lte.yml', 'train_lte_plus.yml', 'train_lte_rdn.yml', 'train_lte_swinir.yml', 'train_metasr.yml']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_recipe_lowers_l1(recipe, tmp_path):
+    env = dict(os.environ, CIISR_DATA_HOME=str(tmp_path / 'data'))
+    args = ['train', '-opt', str(REPO / 'options' / recipe), '--force_yml', f'name=smoke_{recipe[:-4]}', *SHORTEN]
+    proc = subprocess.run([sys.executable, '-m', 'ciisr_plugin', *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    losses = [float(v) for v in re.findall(r'l_pix: ([\d.e+-]+)', log)]
+    assert len(losses) == 20, losses
+    assert sum(losses[-5:]) < sum(losses[:5]), f'{recipe}: L1 did not go down: {losses}'
+    # the checkpoint describes the recipe's network
+    assert (tmp_path / 'experiments' / f'smoke_{recipe[:-4]}' / 'models' / 'net_g_latest.pth').is_file()
+
+
+def test_recipes_follow_the_authors_configs():
+    """The LTE authors' configs/train-div2k/*.yaml and test.py flags, line by line."""
+    from ciisr_plugin.config import load_options
+    for recipe, lr, batch, milestones in (('train_lte.yml', 1e-4, 16, [200000, 400000, 600000, 800000]),
+                                          ('train_lte_plus.yml', 1e-4, 16, [200000, 400000, 600000, 800000]),
+                                          ('train_lte_rdn.yml', 1e-4, 16, [200000, 400000, 600000, 800000]),
+                                          ('train_metasr.yml', 1e-4, 16, [200000, 400000, 600000, 800000]),
+                                          ('train_lte_swinir.yml', 2e-4, 32, [250000, 400000, 450000, 475000])):
+        opt = load_options(str(REPO / 'options' / recipe))
+        train = opt['datasets']['train']
+        assert (train['lq_size'], train['scale_min'], train['scale_max'], train['sample_q']) == (48, 1, 4, 2304)
+        assert train['batch_size_per_gpu'] == batch and train['dataset_enlarge_ratio'] == 20
+        assert opt['train']['optim_g']['lr'] == lr and opt['train']['scheduler']['milestones'] == milestones
+        # 1000 epochs of 16000 samples
+        assert opt['train']['total_iter'] == 1000 * 16000 // batch
+        assert opt['train']['pixel_opt']['type'] == 'L1Loss'
+        net = opt['network_g']
+        assert net['data_mean'] == 0.5 and net['data_std'] == 0.5
+    assert load_options(str(REPO / 'options/train_lte_rdn.yml'))['network_g']['encoder'] == {
+        'type': 'RDNEncoder', 'num_feat': 64, 'config': 'B'}
+    assert load_options(str(REPO / 'options/train_lte_swinir.yml'))['network_g']['encoder'] == {'type': 'SwinIREncoder'}
+    for recipe, window in (('test_lte_div2k.yml', None), ('test_lte_swinir_div2k.yml', 8),
+                           ('test_lte_benchmark.yml', None), ('test_metasr_div2k.yml', None)):
+        val = load_options(str(REPO / 'options' / recipe))['val']
+        assert val['cell_clip_scale_max'] == 4 and val.get('pad_to_window') == window
