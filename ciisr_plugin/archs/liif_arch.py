@@ -67,6 +67,18 @@ def paper_query(feat, coord, cell, mlp, local_ensemble=True, feat_unfold=True, c
     return sum(pred * (area / total).unsqueeze(-1) for pred, area in zip(preds, areas))
 
 
+def mlp_layers(in_dim, hidden_list, out_dim, layer=nn.Linear):
+    """The LIIF codebase's ``mlp``: ``layer`` (+ ReLU) per hidden width, then ``layer`` to
+    ``out_dim``, as one Sequential (so the authors' ``layers.{0,2,...}`` keys load unchanged).
+    ``layer(in, out)`` builds each; LTE+ passes 1x1 convolutions, as its authors store them."""
+    layers = []
+    for hidden in hidden_list:
+        layers += [layer(in_dim, hidden), nn.ReLU()]
+        in_dim = hidden
+    layers.append(layer(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
 class MLPDecoder(ImplicitDecoder):
     """LIIF's MLP ``[latent, rel_coord, rel_cell] -> hidden... -> out`` (ReLU between layers).
 
@@ -81,12 +93,7 @@ class MLPDecoder(ImplicitDecoder):
         self.latent_channels = latent_channels  # per latent, before unfolding
         self.unfold = unfold
         in_dim = latent_channels * (9 if unfold else 1) + extra_channels
-        layers = []
-        for hidden in hidden_list:
-            layers += [nn.Linear(in_dim, hidden), nn.ReLU()]
-            in_dim = hidden
-        layers.append(nn.Linear(in_dim, out_channels))
-        self.layers = nn.Sequential(*layers)
+        self.layers = mlp_layers(in_dim, hidden_list, out_channels)
 
     def grid_features(self, feat):
         first = self.layers[0]

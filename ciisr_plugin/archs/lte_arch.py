@@ -33,6 +33,7 @@ from ..ops import fused_cpu
 from .cpu_linear import linear
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, LatentWindow, Prepared, decode_lookup, grid_to_rows,
                              lookup_latents, make_coord)
+from .liif_arch import mlp_layers
 
 FREQUENCY_PAIRINGS = ('pairs', 'halves')
 
@@ -90,26 +91,15 @@ class LocalTextureEstimator(nn.Module):
 
 
 class _MLP(nn.Module):
-    """``layers``: Linear (+ReLU) ... Linear, as the LIIF codebase's ``mlp`` (key names kept)."""
+    """The LIIF codebase's ``mlp`` module (its ``layers`` keys kept): LTE's and MetaSR's ``imnet``."""
 
     def __init__(self, in_dim, hidden_list, out_dim):
         super().__init__()
-        layers = []
-        for hidden in hidden_list:
-            layers += [nn.Linear(in_dim, hidden), nn.ReLU()]
-            in_dim = hidden
-        layers.append(nn.Linear(in_dim, out_dim))
-        self.layers = nn.Sequential(*layers)
+        self.layers = mlp_layers(in_dim, hidden_list, out_dim)
 
 
-def _conv_mlp(in_dim, hidden_list, out_dim):
-    """LTE+'s MLP: the same layers as 1x1 convolutions (its authors' parameter shapes)."""
-    layers = []
-    for hidden in hidden_list:
-        layers += [nn.Conv2d(in_dim, hidden, 1), nn.ReLU()]
-        in_dim = hidden
-    layers.append(nn.Conv2d(in_dim, out_dim, 1))
-    return nn.Sequential(*layers)
+def _conv1x1(in_dim, out_dim):
+    return nn.Conv2d(in_dim, out_dim, 1)
 
 
 def bilinear_skip(image, coord, window=None):
@@ -304,7 +294,8 @@ class LTEPlus(LTE):
                          chunk_size, out_channels)
 
     def _build_mlp(self, hidden_list, out_channels):
-        self.layers = _conv_mlp(self.hidden_dim, hidden_list, out_channels)
+        # LTE+'s MLP: the same layers as 1x1 convolutions (its authors' parameter shapes)
+        self.layers = mlp_layers(self.hidden_dim, hidden_list, out_channels, layer=_conv1x1)
 
     def mlp_layers(self):
         return dense_layers(self.layers)
