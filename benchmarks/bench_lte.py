@@ -1,9 +1,9 @@
 """Speed and memory of our LTE, LTE+ and MetaSR against their authors' own code, on CPU.
 
     mkdir -p /tmp/lte_e && git --git-dir=<mirror of jaewon-lee-b/lte> archive HEAD | tar -x -C /tmp/lte_e
-    python benchmarks/bench_lte.py --authors /tmp/lte_e                        # everything (~30 min on 2 cores)
+    python benchmarks/bench_lte.py --authors /tmp/lte_e                        # everything (~25 min on 2 quiet cores)
     python benchmarks/bench_lte.py --authors /tmp/lte_e --tasks infer --models lte,metasr --repeats 3
-    python benchmarks/bench_lte.py --authors /tmp/lte_e --quick                # smoke run (~1 min)
+    python benchmarks/bench_lte.py --authors /tmp/lte_e --quick                # smoke run (12 processes, ~2-6 min)
 
 The authors' repository is imported from ``--authors`` at run time (as
 ``benchmarks/make_lte_fixtures.py`` does it: their ``.cuda()`` calls made identities, a
@@ -22,6 +22,12 @@ ours|theirs``), so the peak RSS it reports (``ru_maxrss``) is that side's alone;
 alternate (ours, theirs, ours, theirs, ...) so that load from other processes hits both
 alike, and medians over those repeats are reported. Both sides run with the same thread
 count and the glibc allocator setting our CLI uses for the task (``ciisr_plugin.ops.allocator``).
+
+Run it on a quiet machine (the load average is printed at the start and the end). With other busy
+processes on the cores, every small parallel region waits for a descheduled OpenMP thread, and the
+authors' side, which runs many more small operations, slows far more than ours: measured on 2 AMD
+EPYC cores, LTE inference came out 6.1x at a load average of 4-8 and 2.1x at 1.7 (their time 58 s
+vs 7.9 s, ours 9.6 s vs 3.8 s).
 
 Tasks:
   infer  128x128 -> x4 (512x512), fp32, no autograd. Theirs as their ``test.py`` runs it:
@@ -328,7 +334,8 @@ def report_infer(args, cfg, model, res, summary):
     ratio = theirs['median'] / ours['median']
     lr, out = cfg['lr'], cfg['lr'] * cfg['scale']
     how = 'fast path, one call' if model == 'ltep' else f'batched_predict {AUTHORS_EVAL_BSIZE}'
-    line = (f"{LABELS[model]} infer {lr}x{lr}->{out}x{out} fp32: {ratio:.2f}x {_verdict('infer', model, ratio, args.quick)}"
+    verdict = _verdict('infer', model, ratio, args.quick)
+    line = (f"{LABELS[model]} infer {lr}x{lr}->{out}x{out} fp32: {ratio:.2f}x {verdict}"
             f" | theirs ({how}) {theirs['median']:.2f} s, ours (upscale_tiled) {ours['median']:.2f} s"
             f" [medians of {len(ours['times'])}; theirs {', '.join(f'{t:.2f}' for t in theirs['times'])};"
             f" ours {', '.join(f'{t:.2f}' for t in ours['times'])}]"
@@ -358,10 +365,12 @@ def report_train(args, cfg, model, res, summary):
     gmax = max(their_grads[k].abs().max().item() for k in common)
     ratio = theirs['median'] / ours['median']
     b, p = cfg['batch'], cfg['patch']
-    line = (f"{LABELS[model]} train step B{b} {p}px {p * p}q: {ratio:.2f}x {_verdict('train', model, ratio, args.quick)}"
+    verdict = _verdict('train', model, ratio, args.quick)
+    line = (f"{LABELS[model]} train step B{b} {p}px {p * p}q: {ratio:.2f}x {verdict}"
             f" | theirs {theirs['median']:.2f} s, ours {ours['median']:.2f} s"
             f" [medians of {len(ours['times'])}, each the mean of {cfg['steps']} steps;"
-            f" theirs {', '.join(f'{x:.2f}' for x in theirs['times'])}; ours {', '.join(f'{x:.2f}' for x in ours['times'])}]"
+            f" theirs {', '.join(f'{x:.2f}' for x in theirs['times'])};"
+            f" ours {', '.join(f'{x:.2f}' for x in ours['times'])}]"
             f" | first step: max |pred diff| {pdiff:.1e}, |loss diff| {ldiff:.1e} (loss {t['loss'].item():.4f}),"
             f" max |grad diff| {gdiff:.1e} over {len(common)}/{len(their_grads)} params (max |grad| {gmax:.1e})"
             f" | peak RSS theirs {theirs['rss']:.0f} MiB, ours {ours['rss']:.0f} MiB")
@@ -386,7 +395,8 @@ def main():
                              "for a descheduled thread (measured here, the load ~4 on 2 cores: one Adam step of "
                              "these models 2.1 s by default, 12 ms with PASSIVE), on both sides alike")
     parser.add_argument('--malloc', default='tuned', choices=['tuned', 'default'],
-                        help="tuned: both sides run with the glibc setting our CLI uses for the task; default: glibc's")
+                        help="tuned: both sides run with the glibc setting our CLI uses for the task; "
+                             "default: glibc's own")
     # a child's arguments
     parser.add_argument('--side', choices=['ours', 'theirs'], help=argparse.SUPPRESS)
     parser.add_argument('--task', choices=['infer', 'train'], help=argparse.SUPPRESS)
