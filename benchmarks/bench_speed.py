@@ -86,7 +86,7 @@ def _literal_forward():
 
 
 def _grid(h, w):
-    from ciisr_plugin.archs.implicit_query import make_cell, make_coord
+    from ciisr_plugin.archs.geometry import make_cell, make_coord
     coord = make_coord((h, w)).unsqueeze(0)
     return coord, make_cell((h, w), coord.shape[1]).unsqueeze(0)
 

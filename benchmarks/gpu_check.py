@@ -156,7 +156,7 @@ def check_bf16(summary, device, cfg):
 
 def check_speed(summary, device, cfg):
     import literal_reference
-    from ciisr_plugin.archs.implicit_query import make_cell, make_coord
+    from ciisr_plugin.archs.geometry import make_cell, make_coord
     from ciisr_plugin.inference import upscale_tiled
     n = cfg['speed_lr']
     out = 4 * n

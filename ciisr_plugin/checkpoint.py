@@ -16,7 +16,7 @@ import torch
 
 from basicsr.archs import build_network
 
-from .config import to_plain
+from .config import to_plain, without_render_options
 from .fileio import atomic_write
 
 NETWORK_OPT_KEY = 'network_g'
@@ -200,7 +200,8 @@ def identify(ckpt, source='checkpoint'):
     if NETWORK_OPT_KEY in ckpt:
         for key in ('params_ema', 'params'):
             if isinstance(ckpt.get(key), dict):
-                return to_plain(ckpt[NETWORK_OPT_KEY]), ckpt[key]
+                # checkpoints written before chunk_size became a render setting carry it
+                return without_render_options(to_plain(ckpt[NETWORK_OPT_KEY])), ckpt[key]
         raise CheckpointError(f"{source}: has '{NETWORK_OPT_KEY}' but no 'params' / 'params_ema' state dict")
     if 'params' in ckpt or 'params_ema' in ckpt:
         raise CheckpointError(f"{source}: a BasicSR checkpoint without '{NETWORK_OPT_KEY}' options; build the "

@@ -50,13 +50,18 @@ def _add_pipeline_arguments(parser):
 
 def _run_pipeline(args, command):
     from . import compat
-    from .config import direct_bases, load_options, network_from_checkpoint, validate_options, write_options
+    from .config import (direct_bases, load_options, network_from_checkpoint, render_options_to_val, validate_options,
+                         write_options)
 
     opt = load_options(args.opt)
     _resolve_zoo_paths(opt, args.opt)
     taken = network_from_checkpoint(opt, args.opt)
     if taken:
         print(f'{PROG} {command}: {taken}', file=sys.stderr)
+    moved = render_options_to_val(opt)
+    if moved:
+        print(f'{PROG} {command}: {moved}', file=sys.stderr)
+        taken = '; '.join(filter(None, [taken, moved]))
     validate_options(opt, args.opt, command)
     compat.set_dist_params(opt.get('dist_params'), opt.get('num_gpu'))
     if args.local_rank is not None:

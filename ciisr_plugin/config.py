@@ -230,8 +230,33 @@ def suggest(name, known):
 
 # ----------------------------------------------------------------------------------------------
 # network options from the checkpoint
-# options that change how a network is evaluated, not what it computes
-_RENDER_ONLY_KEYS = {'chunk_size'}
+# options that change how a network is evaluated, not what it computes: render settings
+# (``val.chunk_size``, ``--chunk-size``), which older option files and checkpoints carried in
+# ``network_g``; they are taken out before a network is built
+RENDER_ONLY_KEYS = ('chunk_size', )
+
+
+def without_render_options(network_opt):
+    """``network_opt`` without :data:`RENDER_ONLY_KEYS` (a copy; the input is not changed)."""
+    if not isinstance(network_opt, dict):
+        return network_opt
+    return {k: v for k, v in network_opt.items() if k not in RENDER_ONLY_KEYS}
+
+
+def render_options_to_val(opt):
+    """Move render settings given under ``network_g`` (older option files) to ``val``, where
+    the renderer reads them (an explicit ``val`` value wins). Returns a line saying so, or None."""
+    network = opt.get('network_g')
+    moved = [k for k in RENDER_ONLY_KEYS if isinstance(network, dict) and k in network]
+    if not moved:
+        return None
+    val = opt.get('val')
+    for key in moved:
+        value = network.pop(key)
+        if isinstance(val, dict):
+            val.setdefault(key, value)
+    where = 'val' if isinstance(val, dict) else 'nowhere (no val section)'
+    return f"network_g.{', network_g.'.join(moved)} is a render setting: moved to {where}"
 
 
 def network_from_checkpoint(opt, path):
@@ -269,7 +294,7 @@ def network_from_checkpoint(opt, path):
     ours, theirs = _flat_effective(given), _flat_effective(stored)
     differing = sorted(k for k in set(ours) | set(theirs)
                        if ours.get(k, '(unset)') != theirs.get(k, '(unset)') and k.split('.')[-1] not in
-                       _RENDER_ONLY_KEYS)
+                       RENDER_ONLY_KEYS)
     if differing:
         details = ', '.join(f'{k}: {ours.get(k, "(unset)")!r} here vs {theirs.get(k, "(unset)")!r}' for k in differing)
         raise OptionsError(path, f'network_g differs from the network stored in {ckpt_path} ({details}); '

@@ -29,7 +29,8 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from .archs.implicit_query import ImplicitSRNet, LatentWindow, PixelGrid, grid_blocks
+from .archs.geometry import LatentWindow, PixelGrid, grid_blocks
+from .archs.implicit_query import QUERY_CHUNK, ImplicitSRNet
 
 logger = logging.getLogger('ciisr')
 
@@ -168,12 +169,12 @@ def choose_tile(lq_shape, per_latent, halo, budget):
     return max(MIN_TILE, side)
 
 
-def default_chunk_size(net, device, row_width=256, shifts=4):
-    """Queries decoded at once: the net's own ``chunk_size`` on GPUs; on CPU as many as keep
-    one decoder activation within :data:`CPU_CHUNK_BYTES`."""
+def default_chunk_size(device, row_width=256, shifts=4):
+    """Queries decoded at once: :data:`QUERY_CHUNK` on GPUs; on CPU as many as keep one
+    decoder activation within :data:`CPU_CHUNK_BYTES` (at most that)."""
     if torch.device(device).type == 'cuda':
-        return net.chunk_size
-    return int(min(net.chunk_size, max(256, CPU_CHUNK_BYTES // (shifts * row_width * 4))))
+        return QUERY_CHUNK
+    return int(min(QUERY_CHUNK, max(256, CPU_CHUNK_BYTES // (shifts * row_width * 4))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +394,7 @@ def _render(net, lq, grid, content_hw, tile, chunk_size, halo, sink, workers, co
         tile = choose_tile(lq.shape, footprint.per_latent, halo, memory_budget(lq.device))
     if chunk_size is None:
         shifts = 4 if getattr(net, 'local_ensemble', True) else 1
-        chunk_size = default_chunk_size(net, lq.device, footprint.row_width, shifts)
+        chunk_size = default_chunk_size(lq.device, footprint.row_width, shifts)
     tile = int(tile)
     # when every haloed crop is the whole image anyway, encode it once
     single = all(a - halo <= 0 and z + halo >= n for n in (h, w) for a, z in _spans(n, tile))

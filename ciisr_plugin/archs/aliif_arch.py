@@ -9,9 +9,9 @@ The authors materialise ``W_q`` for every query (a 16 x 580 matrix each). Becaus
 layer of both the expansion net and the bases reads the unfolded latent, so that part runs
 once per latent on the LR grid as one convolution (see :mod:`implicit_query`) and its K
 outputs are mixed per query; every later layer is one product of the stacked bases with
-the outer product ``c (x) h`` (see :meth:`PointwiseBasis.forward`). The same numbers, to
-float rounding, without the per-query matrices. CPU inference runs the bases, from their
-row table to the output, in one fused kernel (:mod:`ciisr_plugin.ops.fused_cpu`).
+the outer product ``c (x) h`` (:func:`ciisr_plugin.ops.query_decode.basis_mixture`). The same
+numbers, to float rounding, without the per-query matrices; CPU inference runs the bases from
+their row table to the output in one fused kernel where it is built.
 :meth:`ALIIF.reference_query` is the paper's model written plainly, per-query matrices and
 all; the fast path is tested equal to it.
 """
@@ -22,10 +22,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from ..ops import fused_cpu
-from .cpu_linear import run_mlp
-from .implicit_query import (ImplicitDecoder, ImplicitSRNet, Prepared, add_query_part, decode_lookup, grid_to_rows,
-                             latent_conv, split_first_linear, take_rows)
+from ..ops.query_decode import basis_decode, basis_mixture, query_inputs
+from .implicit_query import (ImplicitDecoder, ImplicitSRNet, Prepared, decode_lookup, grid_to_rows, latent_conv,
+                             split_first_linear)
 from .liif_arch import MLPDecoder, authors_liif_flags, is_aliif_spec, paper_query
 
 COEFF_NORMS = ('l2', 'softmax', 'sum')
@@ -85,51 +84,16 @@ class PointwiseBasis(nn.Module):
     def stacked_bias(self, i):
         return getattr(self, f'bias{i}').view(-1)
 
-    def mixing_weight(self, i):
-        """Layer ``i`` of all bases side by side, ``(out_i, K * in_i)``, columns (k, j): applied to
-        ``coeff (x) h`` it gives ``sum_k c_k W_k h``."""
-        d_in, d_out = self.dims[i], self.dims[i + 1]
-        return getattr(self, f'weight{i}').view(self.num_basis, d_out, d_in).transpose(0, 1).reshape(
-            d_out, self.num_basis * d_in)
-
-    def mix(self, stacked, coeff):
-        """(M, K * out) outputs of every basis -> (M, out) blended with coeff (M, K).
-
-        Without autograd: one multiply-add per basis on (M, out) slices (a single broadcast
-        multiply over the (M, K, out) view, then a sum, measured ~1.8x slower on CPU for
-        inference: out = 16 is too short an inner loop). With autograd, the broadcast form:
-        each slice's backward writes a zero-filled (M, K * out) gradient, K full passes per
-        call (measured 34 vs 6 ms forward + backward at M = 32768, K = 10). Float32 even under
-        bf16 autocast (CPU's bf16 elementwise ops are slower)."""
-        stacked, coeff = stacked.float(), coeff.float()
-        width = stacked.shape[1] // self.num_basis
-        if torch.is_grad_enabled() and (stacked.requires_grad or coeff.requires_grad):
-            return (stacked.view(-1, self.num_basis, width) * coeff.unsqueeze(-1)).sum(1)
-        out = stacked[:, :width] * coeff[:, :1]
-        for k in range(1, self.num_basis):
-            out = out.addcmul_(stacked[:, k * width:(k + 1) * width], coeff[:, k:k + 1])
-        return out
+    def later_layers(self):
+        """``[(weight (K, out_i, in_i), bias (K, out_i))]`` of the layers after the first."""
+        return [(getattr(self, f'weight{i}').view(self.num_basis, self.dims[i + 1], self.dims[i]),
+                 getattr(self, f'bias{i}')) for i in range(1, self.num_layers)]
 
     def forward(self, first, coeff):
         """Decode from every basis's first-layer pre-activation ``first`` (M, K * hidden0),
-        bias included, mixed with ``coeff`` (M, K): (M, out).
-
-        Later layers use ``sum_k c_k (W_k h + b_k) = [W_1 .. W_K] (c (x) h) + B c``: one
-        (M, K * in) x (K * in, out) product on the outer product ``c (x) h`` per layer, so
-        the K outputs are never written out and mixed (measured ~1.3x faster on CPU
-        than applying all K bases, then mixing), and the biases of all layers come from one
-        (M, K) x (K, sum out) product."""
-        h = self.mix(first, coeff)
-        coeff = coeff.float()
-        layers = range(1, self.num_layers)
-        biases = coeff @ torch.cat([getattr(self, f'bias{i}') for i in layers], dim=1)
-        offset = 0
-        for i in layers:
-            d_out = self.dims[i + 1]
-            outer = (coeff.unsqueeze(-1) * F.relu(h.float()).unsqueeze(1)).flatten(1)
-            h = torch.addmm(biases[:, offset:offset + d_out], outer, self.mixing_weight(i).t())
-            offset += d_out
-        return h
+        bias included, mixed with ``coeff`` (M, K): (M, out). See
+        :func:`~ciisr_plugin.ops.query_decode.basis_mixture` for how, without per-query matrices."""
+        return basis_mixture(first, coeff, self.later_layers())
 
 
 @ARCH_REGISTRY.register()
@@ -148,15 +112,12 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
             'softmax' or 'sum'.
         local_ensemble, feat_unfold, cell_decode (bool): LIIF's three design choices.
         data_mean, data_std: input normalisation ``(x - mean) / std``, inverted on the output.
-        chunk_size (int): queries decoded at once by ``query``/``upscale``. 4096 (as every
-            arch) keeps each per-chunk tensor small enough for the allocator to reuse instead of
-            mapping fresh memory each chunk: measured ~1.5x faster on CPU than 65536.
         out_channels (int): output channels.
     """
 
     def __init__(self, encoder, num_basis=10, basis_hidden=(16, 16, 16, 16), expansion_hidden=(256, 256, 256, 256),
                  coeff_norm='l2', local_ensemble=True, feat_unfold=True, cell_decode=True, data_mean=0.5,
-                 data_std=0.5, chunk_size=4096, out_channels=3):
+                 data_std=0.5, out_channels=3):
         if coeff_norm not in COEFF_NORMS:
             raise ValueError(f"ALIIF: coeff_norm must be one of {', '.join(COEFF_NORMS)}; got '{coeff_norm}'")
         if int(num_basis) < 1:
@@ -165,7 +126,7 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
             if (not isinstance(widths, (list, tuple)) or not widths
                     or not all(isinstance(v, int) and v > 0 for v in widths)):
                 raise ValueError(f'ALIIF: {name} must be a non-empty list of positive ints, got {widths!r}')
-        super().__init__(encoder, local_ensemble, feat_unfold, cell_decode, data_mean, data_std, chunk_size)
+        super().__init__(encoder, local_ensemble, feat_unfold, cell_decode, data_mean, data_std)
         self.coeff_norm = coeff_norm
         latent = self.encoder.out_channels
         self.expansion = MLPDecoder(latent, self.decoder_extra_channels, list(expansion_hidden), int(num_basis),
@@ -204,50 +165,21 @@ class ALIIF(ImplicitSRNet, ImplicitDecoder):
         conv_weight, _ = split_first_linear(self._first_layer_weights(), self.encoder.out_channels, self.feat_unfold)
         return latent_conv(feat, conv_weight, bias, self.feat_unfold)
 
-    def decode(self, rows, rel_coord, rel_cell):
-        # ``rows`` = (expansion part, basis part), gathered separately: a column slice of one
-        # (M, E + K * hidden0) gather would need a copy before the expansion net's next layer
-        # (measured ~20% of that layer's time). The coord / cell part of each first layer is
-        # added in place; the expansion net's remaining layers give the coefficients that mix
-        # the bases. ReLUs run in place: these (M, 256) tensors are the largest per query.
-        expansion_rows, basis_rows = rows
-        latent = self.decoder_in_channels  # the first layers' columns for coord / cell follow these
-        x = add_query_part(expansion_rows, rel_coord, rel_cell, self.expansion.layers[0].weight[:, latent:])
-        coeff = normalise_coefficients(run_mlp(self.expansion.layers[1:], x), self.coeff_norm)
-        return self.basis(add_query_part(basis_rows, rel_coord, rel_cell, self._basis_query_weight()), coeff)
-
     def _basis_query_weight(self):
         """The coord / cell columns of every basis's first layer, (K * hidden0, 2 or 4)."""
         return self.basis.stacked_weight(0)[:, self.decoder_in_channels:]
 
     def decode_indexed(self, rows, index, rel_coord, rel_cell):
-        # CPU inference: the expansion net (see MLPDecoder) and the bases each run from their row
-        # table to their output in one fused kernel; no (M, 256) or (M, K * 16) activation is written
+        # ``rows`` = (expansion part, basis part), separate tables: a column slice of one
+        # (M, E + K * hidden0) gather would need a copy before the expansion net's next layer
+        # (measured ~20% of that layer's time). The expansion net gives the coefficients that
+        # mix the bases; each is one op (a fused kernel on CPU inference where built, torch
+        # otherwise), so no (M, 256) or (M, K * 16) activation is written on that path.
         expansion_rows, basis_rows = rows
-        if fused_cpu.applies(expansion_rows, basis_rows, rel_coord):
-            extra = fused_cpu.query_inputs(rel_coord, rel_cell)
-            logits = self.expansion.decode_fused(expansion_rows, index, extra)
-            if logits is not None:
-                coeff = normalise_coefficients(logits, self.coeff_norm)
-                kernel = self._basis_kernel()
-                if kernel.available():
-                    return kernel(basis_rows, index, extra, self._basis_query_weight(), coeff)
-                first = add_query_part(take_rows(basis_rows, index), rel_coord, rel_cell, self._basis_query_weight())
-                return self.basis(first, coeff)
-        return super().decode_indexed(rows, index, rel_coord, rel_cell)
-
-    def _basis_kernel(self):
-        """The bases' later layers packed for :class:`fused_cpu.BasisKernel` (rebuilt whenever a
-        parameter changes)."""
-        basis, extra = self.basis, self.decoder_extra_channels
-        params = [getattr(basis, f'{kind}{i}') for i in range(1, basis.num_layers) for kind in ('weight', 'bias')]
-
-        def build():
-            layers = [(getattr(basis, f'weight{i}').view(basis.num_basis, basis.dims[i + 1], basis.dims[i]),
-                       getattr(basis, f'bias{i}')) for i in range(1, basis.num_layers)]
-            return fused_cpu.BasisKernel(basis.num_basis, basis.dims[1], layers, extra)
-
-        return fused_cpu.cached_kernel(self, f'basis-{extra}', params, build)
+        coeff = normalise_coefficients(self.expansion.decode_indexed(expansion_rows, index, rel_coord, rel_cell),
+                                       self.coeff_norm)
+        return basis_decode(basis_rows, index, query_inputs(rel_coord, rel_cell), self._basis_query_weight(), coeff,
+                            self.basis.later_layers(), owner=self)
 
     # -- ImplicitSRNet -----------------------------------------------------------------------
     @property

@@ -19,7 +19,8 @@ difference of images, so only the scale applies: ``IP_2 = d2 * std`` (no mean). 
 import inspect
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from .implicit_query import ImplicitSRNet, Prepared, decode_lookup, grid_to_rows, lookup_latents
+from .geometry import lookup_latents
+from .implicit_query import ImplicitSRNet, Prepared, decode_lookup, grid_to_rows
 from .liif_arch import MLPDecoder, paper_query
 
 DECODER1_FEATURES = ('mid', 'last')
@@ -36,7 +37,6 @@ class LIIFGAN(ImplicitSRNet):
         hidden_list (list[int]): MLP widths of each decoder; the paper uses 4 x 256.
         local_ensemble, feat_unfold, cell_decode (bool): LIIF's three design choices.
         data_mean, data_std: input normalisation ``(x - mean) / std`` (see module docstring).
-        chunk_size (int): queries decoded at once by ``query``/``upscale``.
         dual_decoder (bool): true = LIIF-GAN, false = LIIF-GAN-S.
         decoder1_feature (str): 'mid' (the paper) or 'last' (its "same features" ablation).
             Default 'mid' with two decoders, 'last' (the only choice) with one.
@@ -46,9 +46,9 @@ class LIIFGAN(ImplicitSRNet):
     """
 
     def __init__(self, encoder, hidden_list=(256, 256, 256, 256), local_ensemble=True, feat_unfold=True,
-                 cell_decode=True, data_mean=0.5, data_std=0.5, chunk_size=4096, dual_decoder=True,
+                 cell_decode=True, data_mean=0.5, data_std=0.5, dual_decoder=True,
                  decoder1_feature=None, out_channels=3):
-        super().__init__(encoder, local_ensemble, feat_unfold, cell_decode, data_mean, data_std, chunk_size)
+        super().__init__(encoder, local_ensemble, feat_unfold, cell_decode, data_mean, data_std)
         if decoder1_feature is None:
             decoder1_feature = 'mid' if dual_decoder else 'last'
         if decoder1_feature not in DECODER1_FEATURES:

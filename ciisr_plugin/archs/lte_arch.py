@@ -12,7 +12,7 @@ ensemble), and the bilinear (border-padded) interpolation of the normalised inpu
 added, so the network learns a residual.
 
 Engine mapping: both convolutions depend on the latent alone, so :meth:`LTE.prepare` runs
-them once on the LR grid and tabulates ``[c, f]`` per latent (this is where the authors'
+them once on the LR grid and tabulates ``c``, ``f_y``, ``f_x`` per latent (this is where the authors'
 per-shift ``grid_sample`` of 512 channels goes); the per-query rest - the Fourier feature
 and the MLP - is :meth:`LTE.decode`. The skip is an input-space term, added per query in
 :meth:`LTE.query_prepared` / :meth:`LTE.query_grid`.
@@ -29,27 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from ..ops import fused_cpu
-from .cpu_linear import linear
-from .implicit_query import (ImplicitDecoder, ImplicitSRNet, LatentWindow, Prepared, decode_lookup, grid_to_rows,
-                             lookup_latents, make_coord)
+from ..ops.cpu_linear import exporting
+from ..ops.query_decode import dense_layers, mlp_decode
+from .geometry import LatentWindow, lookup_latents, make_coord
+from .implicit_query import ImplicitDecoder, ImplicitSRNet, Prepared, decode_lookup, grid_to_rows
 from .liif_arch import mlp_layers
 
 FREQUENCY_PAIRINGS = ('pairs', 'halves')
-
-
-def dense_layers(layers):
-    """``[(weight (out, in), bias, relu)]`` of a Sequential of Linear or 1x1 Conv2d layers,
-    each optionally followed by a ReLU."""
-    layers, out, i = list(layers), [], 0
-    while i < len(layers):
-        layer = layers[i]
-        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f'expected Linear / 1x1 Conv2d layers, got {type(layer).__name__}')
-        relu = i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU)
-        out.append((layer.weight.view(layer.weight.shape[0], -1), layer.bias, relu))
-        i += 2 if relu else 1
-    return out
 
 
 class LocalTextureEstimator(nn.Module):
@@ -71,23 +57,34 @@ class LocalTextureEstimator(nn.Module):
         self.freq = nn.Conv2d(latent_channels, hidden_dim, 3, padding=1)
         self.phase = nn.Linear(2, hidden_dim // 2, bias=False)
 
-    def grid_features(self, feat):
-        """(B, 2 * hidden, h, w): ``[coefficient, frequency]`` of every latent."""
-        return torch.cat([self.coef(feat), self.freq(feat)], dim=1)
-
-    def fourier_feature(self, rows, rel_coord, rel_cell):
-        """(M, hidden) ``c * [cos(pi a), sin(pi a)]`` from gathered ``[c, f]`` rows (M, 2 * hidden)."""
-        hidden = self.hidden_dim
-        coef, freq = rows[:, :hidden], rows[:, hidden:]
+    def row_tables(self, feat):
+        """``(coefficient, frequency_y, frequency_x)`` row tables, (B*h*w, hidden), (B*h*w, hidden/2)
+        twice: every latent's estimates, split by axis once on the grid. Per query each is one
+        contiguous gather; slicing one gathered ``[c, f]`` row instead costs a strided pass per
+        slice and, in training, a zero-filled full-width gradient per slice."""
+        freq = self.freq(feat)
         if self.pairing == 'pairs':
             freq_y, freq_x = freq[:, 0::2], freq[:, 1::2]
         else:
-            freq_y, freq_x = freq[:, :hidden // 2], freq[:, hidden // 2:]
-        # the authors' order: the two products summed, then the phase added
-        angle = freq_y * rel_coord[:, :1] + freq_x * rel_coord[:, 1:]
-        angle = angle + F.linear(rel_cell, self.phase.weight)
-        angle = math.pi * angle
-        return coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+            half = self.hidden_dim // 2
+            freq_y, freq_x = freq[:, :half], freq[:, half:]
+        return tuple(grid_to_rows(t) for t in (self.coef(feat), freq_y, freq_x))
+
+    def fourier_feature(self, rows, rel_coord, rel_cell):
+        """(M, hidden) ``c * [cos(pi a), sin(pi a)]`` from gathered :meth:`row_tables` rows."""
+        coef, freq_y, freq_x = rows
+        phase = F.linear(rel_cell, self.phase.weight)
+        if torch.is_grad_enabled() or exporting():
+            # the authors' order: the two products summed, then the phase added
+            angle = math.pi * (freq_y * rel_coord[:, :1] + freq_x * rel_coord[:, 1:] + phase)
+            return coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+        # inference: the same arithmetic in place on the fresh gathers, no temporaries
+        angle = freq_y.mul_(rel_coord[:, :1]).add_(freq_x.mul_(rel_coord[:, 1:])).add_(phase).mul_(math.pi)
+        half = angle.shape[1]
+        out = torch.empty_like(coef)
+        torch.cos(angle, out=out[:, :half])
+        torch.sin(angle, out=out[:, half:])
+        return out.mul_(coef)
 
 
 class _MLP(nn.Module):
@@ -128,16 +125,15 @@ class LTE(ImplicitSRNet, ImplicitDecoder):
         hidden_list (list[int]): MLP hidden widths (paper: 3 x 256).
         pairing (str): 'pairs' (LTE) or 'halves' (LTE+) - see the module docstring.
         data_mean, data_std: input normalisation ``(x - mean) / std``, inverted on the output.
-        chunk_size (int): queries decoded at once by ``query``.
         out_channels (int): output channels.
     """
     authors_names = ('lte', )
 
     def __init__(self, encoder, hidden_dim=256, hidden_list=(256, 256, 256), pairing='pairs', data_mean=0.5,
-                 data_std=0.5, chunk_size=4096, out_channels=3):
+                 data_std=0.5, out_channels=3):
         # the estimator's 3x3 convolutions read each latent's neighbours (as LIIF's unfolding)
         super().__init__(encoder, local_ensemble=True, feat_unfold=True, cell_decode=True, data_mean=data_mean,
-                         data_std=data_std, chunk_size=chunk_size)
+                         data_std=data_std)
         self.hidden_dim = int(hidden_dim)
         self.estimator = LocalTextureEstimator(self.encoder.out_channels, self.hidden_dim, pairing)
         self._build_mlp(list(hidden_list), out_channels)
@@ -161,28 +157,13 @@ class LTE(ImplicitSRNet, ImplicitDecoder):
 
     def prepare(self, encoded):
         feat, x = encoded
-        return Prepared((grid_to_rows(self.estimator.grid_features(feat)), x), tuple(feat.shape[-2:]))
+        return Prepared((self.estimator.row_tables(feat), x), tuple(feat.shape[-2:]))
 
     # -- ImplicitDecoder -------------------------------------------------------------------
     def decode(self, rows, rel_coord, rel_cell):
+        # the MLP reads the Fourier feature as its table: row i for query i, no query part
         h = self.estimator.fourier_feature(rows, rel_coord, rel_cell)
-        layers = self.mlp_layers()
-        if fused_cpu.applies(h):
-            out = self._decode_fused(h, layers)
-            if out is not None:
-                return out
-        for weight, bias, relu in layers:
-            h = linear(h, weight, bias, relu=relu)
-        return h
-
-    def _decode_fused(self, h, layers):
-        """CPU inference: the whole MLP in one kernel (:class:`fused_cpu.MLPKernel`), reading the
-        Fourier features ``h`` as its table (row i for query i, no query inputs, no ReLU before
-        the first layer); None where the kernel is not available."""
-        params = [p for w, b, _ in layers for p in (w, b) if p is not None]
-        kernel = fused_cpu.cached_kernel(self, 'mlp', params, lambda: fused_cpu.MLPKernel(layers))
-        index = torch.arange(h.shape[0])
-        return kernel(h, index, h.new_zeros(h.shape[0], 0), h.new_zeros(h.shape[1], 0), False)
+        return mlp_decode(h, None, None, None, self.mlp_layers(), first_relu=False, owner=self)
 
     # -- queries -----------------------------------------------------------------------------
     def decode_prepared(self, prepared, lookup):
@@ -287,11 +268,10 @@ class LTEPlus(LTE):
     authors_names = ('lte-fast', )
     centres_from_input = False
 
-    def __init__(self, encoder, hidden_dim=256, num_layer=3, data_mean=0.5, data_std=0.5, chunk_size=4096,
-                 out_channels=3):
+    def __init__(self, encoder, hidden_dim=256, num_layer=3, data_mean=0.5, data_std=0.5, out_channels=3):
         self.num_layer = int(num_layer)
         super().__init__(encoder, hidden_dim, [hidden_dim] * self.num_layer, 'halves', data_mean, data_std,
-                         chunk_size, out_channels)
+                         out_channels)
 
     def _build_mlp(self, hidden_list, out_channels):
         # LTE+'s MLP: the same layers as 1x1 convolutions (its authors' parameter shapes)

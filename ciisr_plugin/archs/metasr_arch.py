@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from .implicit_query import (ImplicitSRNet, LatentWindow, Prepared, _into_window, _nearest_latent, coord_axis,
-                             grid_to_rows, latent_conv, take_rows)
+from .geometry import LatentWindow, _into_window, _nearest_latent, coord_axis
+from .implicit_query import ImplicitSRNet, Prepared, grid_to_rows, latent_conv, take_rows
 from .lte_arch import _MLP
 
 # The authors nudge the corner off cell borders and keep it inside the image, as LIIF's shifts.
@@ -33,14 +33,13 @@ class MetaSR(ImplicitSRNet):
         encoder (dict): a registered encoder arch, e.g. ``{type: EDSREncoder}``.
         hidden (int): width of the weight-prediction MLP's hidden layer (the authors': 256).
         data_mean, data_std: input normalisation ``(x - mean) / std``, inverted on the output.
-        chunk_size (int): queries decoded at once by ``query``.
         out_channels (int): output channels.
     """
     authors_names = ('metasr', )
 
-    def __init__(self, encoder, hidden=256, data_mean=0.5, data_std=0.5, chunk_size=4096, out_channels=3):
+    def __init__(self, encoder, hidden=256, data_mean=0.5, data_std=0.5, out_channels=3):
         super().__init__(encoder, local_ensemble=False, feat_unfold=True, cell_decode=True, data_mean=data_mean,
-                         data_std=data_std, chunk_size=chunk_size)
+                         data_std=data_std)
         self.out_channels = int(out_channels)
         self.hidden = int(hidden)
         # the authors' key names: imnet.layers.0 (3 -> hidden), imnet.layers.2 (hidden -> C*9*out)

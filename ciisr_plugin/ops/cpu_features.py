@@ -1,7 +1,7 @@
 """What this CPU offers the engine, read in one place: AMX tiles and oneDNN's bf16 products."""
 import torch
 
-from ..archs.cpu_linear import onednn_runs
+from .cpu_linear import onednn_runs
 
 CPUINFO = '/proc/cpuinfo'
 

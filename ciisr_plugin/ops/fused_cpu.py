@@ -16,8 +16,9 @@ The C source is compiled with the system C compiler (``$CC``, else ``cc``) for t
 (``-march=native``) and cached under ``$CIISR_KERNEL_CACHE`` (default
 ``~/.cache/ciisr/kernels``), keyed by source, options, compiler and CPU. Each library is
 checked against torch on small cases before use. Where no compiler works, a warning
-says so once and the decoders run their plain torch path - the same numbers (to float
-rounding, ~1e-7 relative), slower.
+says so once and the ops of :mod:`.query_decode` run their plain torch path - the same
+numbers (to float rounding, ~1e-7 relative), slower. Archs never call these kernels directly:
+they call :mod:`.query_decode`, which picks.
 
 Only inference uses them: float32 on CPU, autograd off, not tracing / exporting /
 compiling, no autocast. ``CIISR_FUSED_CPU=off`` (or :func:`set_enabled`) turns them off,
@@ -39,7 +40,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..archs.cpu_linear import exporting
+from .cpu_linear import exporting
 
 logger = logging.getLogger('ciisr')
 
@@ -243,12 +244,6 @@ def _check(codes, what):
         raise MemoryError(f'{what}: cannot allocate the activation buffers')
     if any(codes):
         raise IndexError(f'{what}: a query index is outside the latent table')
-
-
-def query_inputs(rel_coord, rel_cell):
-    """(M, 2 or 4) float32 rows ``[rel_coord, rel_cell]``, laid out for the kernels."""
-    extra = rel_coord if rel_cell is None else torch.cat([rel_coord, rel_cell], dim=-1)
-    return extra.float().contiguous()
 
 
 def cached_kernel(owner, name, params, build):

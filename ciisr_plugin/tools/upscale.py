@@ -51,6 +51,9 @@ def add_arguments(parser):
                         help='LR tile side in pixels (default: chosen from free memory; the result is the same)')
     parser.add_argument('--halo', type=int, default=None, metavar='N',
                         help='LR pixels of context around tiles (default: exact, from the encoder)')
+    parser.add_argument('--chunk-size', type=int, default=None, metavar='N',
+                        help='queries decoded at once (default: sized to stay in cache on CPU, 4096 on GPUs; '
+                        'the result is the same)')
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32',
                         help='bf16 runs the networks in bfloat16 (faster on CPUs with bf16 / AMX and on GPUs)')
     parser.add_argument('--allow-pickle', action='store_true',
@@ -200,9 +203,10 @@ def _device(name):
 
 # ----------------------------------------------------------------------------------------------
 def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, precision='fp32', progress=None,
-                    cell_scale=None):
+                    cell_scale=None, chunk_size=None):
     """Model output of ``picture`` at ``size`` (H, W) as the array to encode (BGR[A] / gray);
-    ``cell_scale``: per-axis factors on the query cell (see ``upscale_tiled``)."""
+    ``cell_scale``: per-axis factors on the query cell, ``chunk_size``: queries per decode
+    (see ``upscale_tiled``)."""
     import cv2
     import torch
 
@@ -227,7 +231,7 @@ def upscale_picture(net, picture, size, device, dst_ext, tile=None, halo=None, p
 
     lq = torch.from_numpy(to_float01(picture.rgb)).permute(2, 0, 1).unsqueeze(0).to(device)
     upscale_tiled(net, lq, (out_h, out_w), tile=tile, precision=precision, halo=halo, sink=sink,
-                  cell_scale=cell_scale)
+                  cell_scale=cell_scale, chunk_size=chunk_size)
     if picture.alpha is not None:
         alpha = cv2.resize(to_unit(picture.alpha), (out_w, out_h), interpolation=cv2.INTER_CUBIC)
         out[:, :, 3] = from_unit(alpha, dtype)
@@ -245,6 +249,8 @@ def run(args):
     size = parse_size(args.size) if args.size is not None else None
     if args.tile is not None and args.tile < 1:
         raise UpscaleError(f'--tile must be a positive number of pixels, got {args.tile}')
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UpscaleError(f'--chunk-size must be a positive number of queries, got {args.chunk_size}')
     if args.halo is not None and args.halo < 0:
         raise UpscaleError(f'--halo must be >= 0, got {args.halo}')
     if args.from_hr and scale is None:
@@ -289,7 +295,7 @@ def run(args):
                 ratio = scale or (out_size[0] / picture.rgb.shape[0], out_size[1] / picture.rgb.shape[1])
                 cell_scale = tuple(max(r / cell_clip, 1) for r in ratio)
             array = upscale_picture(net, picture, out_size, device, ext, args.tile, args.halo, args.precision,
-                                    bar.update, cell_scale)
+                                    bar.update, cell_scale, args.chunk_size)
         os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
         write_encoded(dst, array)
         print(f'{src} -> {dst} ({out_size[1]}x{out_size[0]})')

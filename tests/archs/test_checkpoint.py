@@ -18,7 +18,7 @@ from basicsr.archs import build_network
 import ciisr_plugin
 from ciisr_plugin.checkpoint import CheckpointError, convert_authors_checkpoint, describe
 from ciisr_plugin.cli import main
-from test_liif import TINY_RDN, tiny_liif
+from test_liif import TINY_EDSR, TINY_RDN, tiny_liif
 
 
 def _last_line_error(capsys):
@@ -36,6 +36,19 @@ def test_own_checkpoint_round_trip(tmp_path):
     path = tmp_path / 'net_g.pth'
     torch.save(describe(opt, net.state_dict()), path)
     loaded = ciisr_plugin.load_model(str(path))
+    lq = torch.rand(1, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded.upscale(lq, (11, 9)), net.upscale(lq, (11, 9)))
+
+
+def test_checkpoints_written_with_a_chunk_size_still_load(tmp_path):
+    # chunk_size was a network option before it became a render setting: such checkpoints load
+    net = tiny_liif()
+    path = tmp_path / 'old.pth'
+    opt = {'type': 'LIIF', 'encoder': TINY_EDSR, 'hidden_list': [16, 16], 'chunk_size': 777}
+    torch.save(describe(opt, net.state_dict()), path)
+    loaded = ciisr_plugin.load_model(str(path))
+    assert 'chunk_size' not in loaded.network_opt
     lq = torch.rand(1, 3, 5, 5)
     with torch.no_grad():
         assert torch.equal(loaded.upscale(lq, (11, 9)), net.upscale(lq, (11, 9)))

@@ -1,10 +1,9 @@
-"""The decoders' dense layers on oneDNN (ciisr_plugin.archs.cpu_linear) vs F.linear."""
+"""The decoders' dense layers on oneDNN (ciisr_plugin.ops.cpu_linear) vs F.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ciisr_plugin.archs import cpu_linear
+from ciisr_plugin.ops import cpu_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='this torch build has no oneDNN')
 
@@ -111,18 +110,3 @@ def test_disabled_falls_back_to_f_linear(monkeypatch):
     cpu_linear.set_enabled(True)
     cpu_linear.linear(x, w, b)
     assert calls
-
-
-def test_run_mlp_fuses_relu_and_matches_sequential():
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
-    x = torch.randn(50, 20)
-    torch.testing.assert_close(cpu_linear.run_mlp(mlp, x.clone()), mlp(x), rtol=1e-5, atol=1e-6)
-    # a leading ReLU (after the decoders' first pre-activation) is applied to the input
-    pre = torch.randn(50, 32)
-    torch.testing.assert_close(cpu_linear.run_mlp(mlp[1:], pre.clone()), mlp[1:](pre), rtol=1e-5, atol=1e-6)
-
-
-def test_run_mlp_rejects_other_layers():
-    with pytest.raises(TypeError, match='Linear or ReLU'):
-        cpu_linear.run_mlp(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), torch.randn(2, 4))

@@ -1,4 +1,4 @@
-"""Fused CPU inference kernels (ciisr_plugin.archs.fused_cpu) vs the plain torch decoders."""
+"""Fused CPU inference kernels (ciisr_plugin.ops.fused_cpu) vs the plain torch decoders."""
 import logging
 import os
 import platform
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from basicsr.archs import build_network
-from ciisr_plugin.ops import fused_cpu
+from ciisr_plugin.ops import fused_cpu, query_decode
 from ciisr_plugin.inference import upscale_tiled
 
 HAS_COMPILER = fused_cpu.compiler() is not None
@@ -175,7 +175,7 @@ def test_inconsistent_shapes_are_an_error_not_a_read_past_the_tensor():
 def test_inconsistent_basis_inputs_are_an_error_not_a_read_past_the_tensor():
     index = torch.tensor([0, 1, 2])
     net = _net('aliif')
-    kernel = net._basis_kernel()
+    kernel = query_decode.basis_kernel(net, net.basis.dims[1], net.basis.later_layers(), 4)
     first_weight = net.basis.stacked_weight(0)[:, net.decoder_in_channels:]
     with torch.no_grad(), pytest.raises(ValueError, match='inconsistent inputs'):
         kernel(torch.randn(10, 64), index, torch.randn(3, 4), first_weight, torch.randn(2, 4))  # 2 coeff rows

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ciisr_plugin import inference
+from ciisr_plugin.archs import implicit_query
 from ciisr_plugin.archs.implicit_query import ImplicitSRNet, make_cell, make_coord
 from ciisr_plugin.inference import upscale_tiled
 from render_support import TINY_ALIIF, TINY_LIIF, build, whole
@@ -48,8 +49,9 @@ def test_archs_with_their_own_query_prepared_render_through_it():
     assert net.calls == 13 and torch.equal(got, ref)  # 13 rows of 11 queries fit in 20-query blocks
 
 
-def test_forward_without_autograd_decodes_in_chunks():
-    net = build({**TINY_LIIF, 'chunk_size': 50})
+def test_forward_without_autograd_decodes_in_chunks(monkeypatch):
+    monkeypatch.setattr(implicit_query, 'QUERY_CHUNK', 50)
+    net = build(TINY_LIIF)
     lq = torch.rand(2, 3, 7, 6)
     coord = torch.rand(2, 237, 2) * 2 - 1
     cell = torch.full((2, 237, 2), 0.1)

@@ -141,8 +141,8 @@ def test_default_chunk_follows_the_widest_first_layer_activation(opt, width):
     net = build(opt)
     footprint = inference._Footprint(net, torch.rand(1, 3, 20, 20))
     assert footprint.row_width == width
-    assert inference.default_chunk_size(net, 'cpu', footprint.row_width) == min(
-        net.chunk_size, max(256, inference.CPU_CHUNK_BYTES // (4 * width * 4)))
+    assert inference.default_chunk_size('cpu', footprint.row_width) == min(
+        inference.QUERY_CHUNK, max(256, inference.CPU_CHUNK_BYTES // (4 * width * 4)))
 
 
 def test_auto_tile_is_whole_image_when_it_fits():

@@ -49,7 +49,8 @@ def test_upscale_photo_non_integer_scale_and_size(tmp_path, checkpoint):
     want = expected_image(net, rgb / np.float32(255), (133, 148)) * 255
     assert np.abs(got - want).max() <= 0.5 + 1e-3
 
-    assert upscale_cli(src, '-o', tmp_path / 'sized.jpg', '--model', ckpt, '--size', '50x30') == 0
+    assert upscale_cli(src, '-o', tmp_path / 'sized.jpg', '--model', ckpt, '--size', '50x30',
+                       '--chunk-size', '7') == 0
     assert cv2.imread(str(tmp_path / 'sized.jpg')).shape == (30, 50, 3)
     assert upscale_cli(src, '-o', tmp_path / 'aniso.webp', '--model', ckpt, '--scale', '2x3',
                        '--precision', 'bf16') == 0
@@ -150,6 +151,7 @@ def _bad_cases(tmp, ckpt):
         'bad checkpoint': [img, '-o', tmp / 'out' / 'r.png', '--model', tmp / 'bad.pth', '--scale', '2'],
         'missing checkpoint': [img, '-o', tmp / 'out' / 'r.png', '--model', tmp / 'no.pth', '--scale', '2'],
         'zero tile': [img, *out, '--scale', '2', '--tile', '0'],
+        'zero chunk size': [img, *out, '--scale', '2', '--chunk-size', '0'],
         'overwrite input': [img, '-o', img, '--model', ckpt, '--scale', '2'],
     }
 

@@ -4,7 +4,7 @@ import textwrap
 import pytest
 
 import ciisr_plugin  # noqa: F401  (registers the plugin, applies the compat fixes)
-from ciisr_plugin.config import OptionsError, load_options, validate_options, write_options
+from ciisr_plugin.config import OptionsError, load_options, render_options_to_val, validate_options, write_options
 
 
 def _write(path, text):
@@ -194,3 +194,15 @@ def test_mmengine_base_variables(tmp_path):
     _write(tmp_path / 'a.yml', 'scale: 4\nnetwork_g: {type: EDSR}\n')
     child = _write(tmp_path / 'c.yml', '_base_: a.yml\nnetwork_g: {upscale: {{ _base_.scale }}}\n')
     assert load_options(child) == {'scale': 4, 'network_g': {'type': 'EDSR', 'upscale': 4}}
+
+
+def test_a_chunk_size_under_network_g_moves_to_val():
+    # older option files set it on the network; the renderer reads val.chunk_size, and an
+    # explicit val value wins
+    opt = {'network_g': {'type': 'LIIF', 'chunk_size': 300}, 'val': {}}
+    assert 'moved to val' in render_options_to_val(opt)
+    assert opt == {'network_g': {'type': 'LIIF'}, 'val': {'chunk_size': 300}}
+    opt = {'network_g': {'type': 'LIIF', 'chunk_size': 300}, 'val': {'chunk_size': 64}}
+    render_options_to_val(opt)
+    assert opt['val'] == {'chunk_size': 64} and 'chunk_size' not in opt['network_g']
+    assert render_options_to_val({'network_g': {'type': 'LIIF'}, 'val': {}}) is None

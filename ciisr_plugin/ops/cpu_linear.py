@@ -120,22 +120,3 @@ def linear(x, weight, bias=None, relu=False):
             return _onednn(x.to(dtype).contiguous(), weight.to(dtype), None if bias is None else bias.to(dtype), relu)
     out = F.linear(x, weight, bias)
     return out.relu_() if relu else out
-
-
-def run_mlp(layers, x):
-    """Run a Sequential of ``nn.Linear`` / ``nn.ReLU`` (a ReLU right after a Linear fused into
-    it); a leading ReLU is applied in place to ``x``, which the caller owns."""
-    layers = list(layers)
-    i = 0
-    while i < len(layers):
-        layer = layers[i]
-        if isinstance(layer, torch.nn.ReLU):
-            x = x.relu_() if not (torch.is_grad_enabled() and x.requires_grad) else x.relu()
-            i += 1
-            continue
-        if not isinstance(layer, torch.nn.Linear):
-            raise TypeError(f'run_mlp: expected Linear or ReLU layers, got {type(layer).__name__}')
-        fuse = i + 1 < len(layers) and isinstance(layers[i + 1], torch.nn.ReLU)
-        x = linear(x, layer.weight, layer.bias, relu=fuse)
-        i += 2 if fuse else 1
-    return x
