@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from basicsr.archs import build_network
+from ..ops.cpu_features import channels_last_pays
 from ..ops.cpu_linear import exporting
 # the geometry's public names are also importable from here, where they lived before
 from .geometry import (LatentLookup, LatentWindow, PixelGrid, coord_axis, flat_index, grid_blocks,  # noqa: F401
@@ -166,12 +167,14 @@ class ImplicitSRNet(nn.Module):
         return 2 + (2 if self.cell_decode else 0)
 
     def encoder_input(self, lq):
-        """``lq`` normalised as the authors do, laid out for the encoder: channels-last on CPU,
-        where oneDNN's convolutions run on NHWC without reordering every layer (measured
-        ~10% faster EDSR-baseline training steps on 2 cores; the latent grid then also
-        flattens into rows without a copy). Left as is on other devices and when tracing."""
+        """``lq`` normalised as the authors do, laid out for the encoder: channels-last on CPU
+        where oneDNN's convolutions run faster on NHWC (always for inference, for training only
+        on AVX-512 CPUs: see :func:`~ciisr_plugin.ops.cpu_features.channels_last_pays`); the
+        latent grid then also flattens into rows without a copy. Left as is on other devices
+        and when tracing. The layout changes no result beyond float rounding."""
         x = (lq - self.data_mean) / self.data_std
-        if x.device.type == 'cpu' and x.dim() == 4 and not exporting():
+        if (x.device.type == 'cpu' and x.dim() == 4 and not exporting()
+                and channels_last_pays(training=torch.is_grad_enabled())):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

@@ -25,3 +25,27 @@ def test_bf16_matmul_support_agrees_with_onednn():
     else:
         with pytest.raises(RuntimeError):
             torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], '')
+
+
+@pytest.mark.parametrize('flags, trains_channels_last', [
+    ('fpu avx2 fma', False),  # AVX2-only: oneDNN's NHWC backward measured slower there
+    ('fpu avx2 avx512f avx512bw', True),
+    (None, False),  # no flags to read (not Linux x86): torch's default layout
+])
+def test_the_encoder_layout_follows_the_cpu(tmp_path, monkeypatch, flags, trains_channels_last):
+    info = tmp_path / 'cpuinfo'
+    if flags is not None:
+        info.write_text(f'processor\t: 0\nflags\t\t: {flags}\n')
+    monkeypatch.setattr(cpu_features, 'CPUINFO', str(info))
+    monkeypatch.setattr(cpu_features, '_AVX512', None)
+    assert cpu_features.channels_last_pays(training=False)
+    assert cpu_features.channels_last_pays(training=True) is trains_channels_last
+    # and the encoder input takes that layout
+    import ciisr_plugin  # noqa: F401
+    from basicsr.archs import build_network
+    net = build_network({'type': 'LIIF', 'encoder': {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 1},
+                         'hidden_list': [8]})
+    lq = torch.rand(2, 3, 6, 5)
+    with torch.no_grad():
+        assert net.encoder_input(lq).is_contiguous(memory_format=torch.channels_last)
+    assert net.encoder_input(lq).is_contiguous(memory_format=torch.channels_last) is trains_channels_last
