@@ -40,8 +40,9 @@ def channels_last_pays(training):
     """Whether the encoder should run channels-last on this CPU (oneDNN's NHWC convolutions).
 
     Inference: yes (EDSR-baseline on a 128x128 input, measured ~10% faster than NCHW on a
-    2-core AVX2 EPYC). Training (forward + backward): only on AVX-512 CPUs, where it was
-    measured ~10% faster per step on a 2-core Xeon; on the AVX2-only EPYC oneDNN's NHWC
+    2-core AVX2 EPYC). Training (forward + backward): only on AVX-512 CPUs, where channels-last
+    was adopted after measuring ~10% faster EDSR-baseline steps (an earlier session's 2-core
+    AVX-512 machine; not re-measured since); on the AVX2-only EPYC oneDNN's NHWC
     backward is slower - EDSR-baseline + a 3x3 head, batch 16 of 48 px, forward + backward:
     3.09 s channels-last vs 2.74 s NCHW (median of 3, alternating). Elsewhere (no flags to
     read, other architectures) training keeps torch's default layout."""
