@@ -53,13 +53,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+
+from bench_child import run_child  # beside this script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -289,14 +290,7 @@ def run_side(args, task, model, side, files, tmpdir, index):
     cmd += ['--quick'] if args.quick else []
     cmd += ['--repeats', str(args.repeats)] if args.repeats else []
     cmd += ['--window', str(args.window)] if args.window is not None else []
-    env = dict(os.environ)
-    if args.omp_wait_policy:
-        env['OMP_WAIT_POLICY'] = args.omp_wait_policy
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise RuntimeError(f'{task}/{model}/{side} failed:\n{res.stderr[-4000:]}')
-    stats = json.loads(res.stdout.strip().splitlines()[-1])
-    tensors = torch.load(out)
+    stats, tensors = run_child(cmd, out, f'{task}/{model}/{side}', args.omp_wait_policy)
     os.remove(out)
     return stats, tensors
 
@@ -328,6 +322,11 @@ def _verdict(task, model, ratio, quick):
     return f"(target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
 
 
+def _times(res):
+    """'theirs 1.00, 1.10; ours 0.50, 0.52': every run's seconds, per side."""
+    return '; '.join(f"{side} {', '.join(f'{t:.2f}' for t in res[side]['times'])}" for side in ('theirs', 'ours'))
+
+
 def report_infer(args, cfg, model, res, summary):
     ours, theirs = res['ours'], res['theirs']
     diff = (ours['tensors']['out'] - theirs['tensors']['out']).abs().max().item()
@@ -337,8 +336,7 @@ def report_infer(args, cfg, model, res, summary):
     verdict = _verdict('infer', model, ratio, args.quick)
     line = (f"{LABELS[model]} infer {lr}x{lr}->{out}x{out} fp32: {ratio:.2f}x {verdict}"
             f" | theirs ({how}) {theirs['median']:.2f} s, ours (upscale_tiled) {ours['median']:.2f} s"
-            f" [medians of {len(ours['times'])}; theirs {', '.join(f'{t:.2f}' for t in theirs['times'])};"
-            f" ours {', '.join(f'{t:.2f}' for t in ours['times'])}]"
+            f" [medians of {len(ours['times'])}; {_times(res)}]"
             f" | max |diff| {diff:.1e} (tol {TOL:g})"
             f" | peak RSS theirs {theirs['rss']:.0f} MiB, ours {ours['rss']:.0f} MiB"
             f" (after loading: {theirs['base_rss']:.0f} / {ours['base_rss']:.0f})")
@@ -368,9 +366,7 @@ def report_train(args, cfg, model, res, summary):
     verdict = _verdict('train', model, ratio, args.quick)
     line = (f"{LABELS[model]} train step B{b} {p}px {p * p}q: {ratio:.2f}x {verdict}"
             f" | theirs {theirs['median']:.2f} s, ours {ours['median']:.2f} s"
-            f" [medians of {len(ours['times'])}, each the mean of {cfg['steps']} steps;"
-            f" theirs {', '.join(f'{x:.2f}' for x in theirs['times'])};"
-            f" ours {', '.join(f'{x:.2f}' for x in ours['times'])}]"
+            f" [medians of {len(ours['times'])}, each the mean of {cfg['steps']} steps; {_times(res)}]"
             f" | first step: max |pred diff| {pdiff:.1e}, |loss diff| {ldiff:.1e} (loss {t['loss'].item():.4f}),"
             f" max |grad diff| {gdiff:.1e} over {len(common)}/{len(their_grads)} params (max |grad| {gmax:.1e})"
             f" | peak RSS theirs {theirs['rss']:.0f} MiB, ours {ours['rss']:.0f} MiB")

@@ -32,13 +32,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
+
+from bench_child import run_child  # beside this script
 
 # the literal per-query formulation the engine is measured against lives with the tests
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
@@ -218,14 +219,7 @@ def _run_child(task, arch, impl, args, tmpdir):
     path = os.path.join(tmpdir, f'{task}_{arch}_{impl}.pt')
     cmd = [sys.executable, os.path.abspath(__file__), '--child', task, arch, impl, path, '--threads',
            str(args.threads), '--malloc', args.malloc] + (['--quick'] if args.quick else [])
-    env = dict(os.environ)
-    if args.omp_wait_policy:
-        env['OMP_WAIT_POLICY'] = args.omp_wait_policy
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise RuntimeError(f'{task}/{arch}/{impl} child failed:\n{res.stderr[-3000:]}')
-    stats = json.loads(res.stdout.strip().splitlines()[-1])
-    return stats, torch.load(path)
+    return run_child(cmd, path, f'{task}/{arch}/{impl} child', args.omp_wait_policy)
 
 
 def _alternate(task, arch, impls, args, cfg, tmpdir):
