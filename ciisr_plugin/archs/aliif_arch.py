@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from ..ops.query_decode import basis_decode, basis_mixture, query_inputs
+from ..ops.query_decode import basis_decode, query_inputs
 from .implicit_query import (ImplicitDecoder, ImplicitSRNet, Prepared, decode_lookup, grid_to_rows, latent_conv,
                              split_first_linear)
 from .liif_arch import MLPDecoder, authors_liif_flags, is_aliif_spec, paper_query
@@ -51,7 +51,9 @@ class PointwiseBasis(nn.Module):
 
     Stored in the authors' layout so their weights load unchanged: ``weight{i}`` is
     ``(K, out_i * in_i)`` with basis ``k``'s matrix flattened row-major (output rows), and
-    ``bias{i}`` is ``(K, out_i)``.
+    ``bias{i}`` is ``(K, out_i)``. A parameter container: the decoding is
+    :func:`ciisr_plugin.ops.query_decode.basis_decode` (fused on CPU inference, else
+    :func:`~ciisr_plugin.ops.query_decode.basis_mixture`, without per-query matrices).
     """
 
     def __init__(self, num_basis, in_dim, hidden_list, out_channels):
@@ -88,12 +90,6 @@ class PointwiseBasis(nn.Module):
         """``[(weight (K, out_i, in_i), bias (K, out_i))]`` of the layers after the first."""
         return [(getattr(self, f'weight{i}').view(self.num_basis, self.dims[i + 1], self.dims[i]),
                  getattr(self, f'bias{i}')) for i in range(1, self.num_layers)]
-
-    def forward(self, first, coeff):
-        """Decode from every basis's first-layer pre-activation ``first`` (M, K * hidden0),
-        bias included, mixed with ``coeff`` (M, K): (M, out). See
-        :func:`~ciisr_plugin.ops.query_decode.basis_mixture` for how, without per-query matrices."""
-        return basis_mixture(first, coeff, self.later_layers())
 
 
 @ARCH_REGISTRY.register()
