@@ -14,8 +14,8 @@ added, so the network learns a residual.
 Engine mapping: both convolutions depend on the latent alone, so :meth:`LTE.prepare` runs
 them once on the LR grid and tabulates ``c``, ``f_y``, ``f_x`` per latent (this is where the authors'
 per-shift ``grid_sample`` of 512 channels goes); the per-query rest - the Fourier feature
-and the MLP - is :meth:`LTE.decode`. The skip is an input-space term, added per query in
-:meth:`LTE.query_prepared` / :meth:`LTE.query_grid`.
+and the MLP - is :meth:`LTE.decode_indexed`, one op (fused on CPU inference). The skip is an
+input-space term, added per query in :meth:`LTE.query_prepared` / :meth:`LTE.query_grid`.
 
 LTE and LTE+ differ in how the frequency channels pair with the two coordinate axes
 (the authors' two files differ, and each checkpoint only works with its own): LTE splits
@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
-from ..ops.cpu_linear import exporting
-from ..ops.query_decode import dense_layers, mlp_decode
+from ..ops.query_decode import dense_layers, fourier_feature, fourier_mlp_decode
 from .geometry import LatentWindow, lookup_latents, make_coord
 from .implicit_query import ImplicitDecoder, ImplicitSRNet, Prepared, decode_lookup, grid_to_rows
 from .liif_arch import mlp_layers
@@ -72,19 +71,7 @@ class LocalTextureEstimator(nn.Module):
 
     def fourier_feature(self, rows, rel_coord, rel_cell):
         """(M, hidden) ``c * [cos(pi a), sin(pi a)]`` from gathered :meth:`row_tables` rows."""
-        coef, freq_y, freq_x = rows
-        phase = F.linear(rel_cell, self.phase.weight)
-        if torch.is_grad_enabled() or exporting():
-            # the authors' order: the two products summed, then the phase added
-            angle = math.pi * (freq_y * rel_coord[:, :1] + freq_x * rel_coord[:, 1:] + phase)
-            return coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
-        # inference: the same arithmetic in place on the fresh gathers, no temporaries
-        angle = freq_y.mul_(rel_coord[:, :1]).add_(freq_x.mul_(rel_coord[:, 1:])).add_(phase).mul_(math.pi)
-        half = angle.shape[1]
-        out = torch.empty_like(coef)
-        torch.cos(angle, out=out[:, :half])
-        torch.sin(angle, out=out[:, half:])
-        return out.mul_(coef)
+        return fourier_feature(rows, rel_coord, rel_cell, self.phase.weight)
 
 
 class _MLP(nn.Module):
@@ -160,10 +147,9 @@ class LTE(ImplicitSRNet, ImplicitDecoder):
         return Prepared((self.estimator.row_tables(feat), x), tuple(feat.shape[-2:]))
 
     # -- ImplicitDecoder -------------------------------------------------------------------
-    def decode(self, rows, rel_coord, rel_cell):
-        # the MLP reads the Fourier feature as its table: row i for query i, no query part
-        h = self.estimator.fourier_feature(rows, rel_coord, rel_cell)
-        return mlp_decode(h, None, None, None, self.mlp_layers(), first_relu=False, owner=self)
+    def decode_indexed(self, rows, index, rel_coord, rel_cell):
+        return fourier_mlp_decode(rows, index, rel_coord, rel_cell, self.estimator.phase.weight, self.mlp_layers(),
+                                  owner=self)
 
     # -- queries -----------------------------------------------------------------------------
     def decode_prepared(self, prepared, lookup):

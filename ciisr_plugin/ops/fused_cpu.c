@@ -10,6 +10,9 @@
  *   query's coordinate part, ReLU) and every later layer run on activations that stay in
  *   L1, and only the output is written. One pass instead of a gather, an add, a ReLU and
  *   an (M, width) tensor written and read back per layer.
+ * ciisr_fourier_mlp_decode: the same MLP on LTE's Fourier feature, which it forms per row
+ *   from the coefficient and frequency tables (vectorised sin / cos), so the (M, 256)
+ *   feature is never written out either.
  * ciisr_basis_decode: A-LIIF's basis MLPs, mixed per query by coefficients, from the
  *   table of all bases' first-layer latent parts to the output. Every activation stays in
  *   registers or L1; the layer dimensions are compile-time constants (BASIS_* below,
@@ -18,6 +21,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 /* 16 floats; the unaligned variant for loads from tensors */
@@ -67,13 +71,26 @@ int ciisr_kernels(void)
 typedef float vec __attribute__((vector_size(VEC * 4)));
 typedef int32_t veci __attribute__((vector_size(VEC * 4)));
 
+/* The inputs of a block of MLP_ROWS rows that are nonzero in at least one row: input[i],
+ * and offset[0][i] / offset[1][i] where its row starts in a packed panel 32 / 16 wide, for
+ * i < n. Skipping an input that is zero in every row adds exact zeros, so every sum stays
+ * bit-for-bit the same. The lists run PREFETCH entries past n (zeros, a valid offset), so
+ * the loop can prefetch ahead without a bound check. */
+#define PREFETCH 8 /* weight rows fetched ahead: the hardware prefetcher misses an irregular stride (4-16 measured alike) */
+struct live_inputs {
+    int64_t *input;
+    int64_t *offset[2];
+    int n;
+};
+
 /* Columns [s, s + VEC * nv) of a packed panel pw columns wide, for MLP_ROWS rows:
- * hout = relu?(hin @ w + b), w the panel's (din, pw) slice of the packed weight. */
+ * hout = relu?(hin @ w + b), w the panel's (din, pw) slice of the packed weight; with
+ * live, only its inputs are read (laid out so that a step costs one index load). */
 static inline __attribute__((always_inline)) void mlp_tile(const int pw, const int s, const int nv,
                                                            const int64_t din, const int64_t stride,
                                                            const float *restrict hin, const float *restrict w,
                                                            const float *restrict b, const int relu,
-                                                           float *restrict hout)
+                                                           const struct live_inputs *live, float *restrict hout)
 {
     vec acc[MLP_ROWS][2];
     for (int v = 0; v < nv; v++) {
@@ -81,15 +98,34 @@ static inline __attribute__((always_inline)) void mlp_tile(const int pw, const i
         for (int r = 0; r < MLP_ROWS; r++)
             acc[r][v] = bias;
     }
+    if (live) {
+        const int64_t *restrict offset = live->offset[pw == 32 ? 0 : 1], *restrict input = live->input;
+        const int n = live->n;
+#pragma GCC unroll 4
+        for (int i = 0; i < n; i++) {
+            const float *restrict wk = w + offset[i] + s;
+            __builtin_prefetch(w + offset[i + PREFETCH] + s);
+            const vec w0 = *(const vec *)wk;
+            const vec w1 = nv == 2 ? *(const vec *)(wk + VEC) : w0;
+            const float *restrict x = hin + input[i];
+            for (int r = 0; r < MLP_ROWS; r++) {
+                const float a = x[r * stride];
+                acc[r][0] += a * w0;
+                if (nv == 2)
+                    acc[r][1] += a * w1;
+            }
+        }
+    } else {
 #pragma GCC unroll 4 /* measured ~6% faster than no unrolling, 2 cores busy */
-    for (int64_t k = 0; k < din; k++) {
-        const vec w0 = *(const vec *)(w + k * pw + s);
-        const vec w1 = nv == 2 ? *(const vec *)(w + k * pw + s + VEC) : w0;
-        for (int r = 0; r < MLP_ROWS; r++) {
-            const float a = hin[r * stride + k];
-            acc[r][0] += a * w0;
-            if (nv == 2)
-                acc[r][1] += a * w1;
+        for (int64_t k = 0; k < din; k++) {
+            const vec w0 = *(const vec *)(w + k * pw + s);
+            const vec w1 = nv == 2 ? *(const vec *)(w + k * pw + s + VEC) : w0;
+            for (int r = 0; r < MLP_ROWS; r++) {
+                const float a = hin[r * stride + k];
+                acc[r][0] += a * w0;
+                if (nv == 2)
+                    acc[r][1] += a * w1;
+            }
         }
     }
     const vec zero = {0};
@@ -106,33 +142,107 @@ static inline __attribute__((always_inline)) void mlp_tile(const int pw, const i
 static inline __attribute__((always_inline)) void mlp_panel(const int pw, const int64_t din, const int64_t stride,
                                                             const float *restrict hin, const float *restrict w,
                                                             const float *restrict b, const int relu,
-                                                            float *restrict hout)
+                                                            const struct live_inputs *live, float *restrict hout)
 {
     for (int s = 0; s < pw; s += 2 * VEC)
-        mlp_tile(pw, s, pw - s >= 2 * VEC ? 2 : 1, din, stride, hin, w, b, relu, hout);
+        mlp_tile(pw, s, pw - s >= 2 * VEC ? 2 : 1, din, stride, hin, w, b, relu, live, hout);
 }
 
 static inline __attribute__((always_inline)) void mlp_layer_panels(const int64_t din, const int64_t dout,
                                                                    const int64_t stride, const float *restrict hin,
                                                                    const float *restrict w, const float *restrict b,
-                                                                   const int relu, float *restrict hout)
+                                                                   const int relu, const struct live_inputs *live,
+                                                                   float *restrict hout)
 {
     int64_t c = 0;
     for (; c + 32 <= dout; c += 32)
-        mlp_panel(32, din, stride, hin, w + c * din, b + c, relu, hout + c);
+        mlp_panel(32, din, stride, hin, w + c * din, b + c, relu, live, hout + c);
     if (c < dout)
-        mlp_panel(16, din, stride, hin, w + c * din, b + c, relu, hout + c);
+        mlp_panel(16, din, stride, hin, w + c * din, b + c, relu, live, hout + c);
+}
+
+/* List the inputs of a block that are nonzero in some row (see struct live_inputs); worth
+ * it after a ReLU: on LTE's and LIIF's hidden layers, a sixth to a half of the inputs are
+ * zero in all rows of a block of neighbouring queries (measured; it depends on the weights
+ * and the image). din a multiple of VEC, the buffers' padding columns zero. */
+static void list_live(const int64_t din, const int64_t stride, const float *restrict hin, struct live_inputs *live)
+{
+    const vec zero = {0};
+    int n = 0;
+    for (int64_t j = 0; j < din; j += VEC) {
+        veci any = (veci)zero;
+        for (int r = 0; r < MLP_ROWS; r++)
+            any |= *(const veci *)(hin + r * stride + j);
+        for (int l = 0; l < VEC; l++) {
+            const int64_t k = j + l;
+            live->input[n] = k;
+            live->offset[0][n] = k * 32;
+            live->offset[1][n] = k * 16;
+            n += any[l] != 0; /* an input zero in every row is overwritten by the next */
+        }
+    }
+    for (int i = n; i < n + PREFETCH; i++)
+        live->input[i] = live->offset[0][i] = live->offset[1][i] = 0;
+    live->n = n;
 }
 
 /* relu?(hin @ W + b) for MLP_ROWS rows; dout a multiple of 16 (W packed in panels of 32
- * columns, the last one 16 wide when dout is not a multiple of 32) */
+ * columns, the last one 16 wide when dout is not a multiple of 32). sparse: hin comes out
+ * of a ReLU, so skip the inputs that are zero throughout the block. */
 static void mlp_layer(const int64_t din, const int64_t dout, const int64_t stride, const float *restrict hin,
-                      const float *restrict w, const float *restrict b, const int relu, float *restrict hout)
+                      const float *restrict w, const float *restrict b, const int relu, const int sparse,
+                      struct live_inputs *live, float *restrict hout)
 {
+    if (sparse && din % VEC == 0)
+        list_live(din, stride, hin, live);
+    const struct live_inputs *use = sparse && din % VEC == 0 && live->n < din ? live : NULL; /* none zero: the dense loop */
     if (din == 256 && dout == 256 && stride == 256) /* the papers' widths, as constants: measured ~5% faster */
-        mlp_layer_panels(256, 256, 256, hin, w, b, relu, hout);
+        mlp_layer_panels(256, 256, 256, hin, w, b, relu, use, hout);
     else
-        mlp_layer_panels(din, dout, stride, hin, w, b, relu, hout);
+        mlp_layer_panels(din, dout, stride, hin, w, b, relu, use, hout);
+}
+
+/* A decoder's working memory: two activation buffers of MLP_ROWS rows, the live-input lists */
+struct mlp_scratch {
+    float *h[2];
+    struct live_inputs live;
+};
+
+static int scratch_alloc(struct mlp_scratch *sc, const int64_t stride)
+{
+    float *buf = aligned_alloc(64, 2 * MLP_ROWS * stride * sizeof(float));
+    int64_t *lists = calloc(3 * (stride + PREFETCH), sizeof(int64_t));
+    if (!buf || !lists) {
+        free(buf);
+        free(lists);
+        return 0;
+    }
+    *sc = (struct mlp_scratch){{buf, buf + MLP_ROWS * stride},
+                               {lists, {lists + stride + PREFETCH, lists + 2 * (stride + PREFETCH)}, 0}};
+    return 1;
+}
+
+static void scratch_free(struct mlp_scratch *sc)
+{
+    free(sc->h[0]);
+    free(sc->live.input);
+}
+
+/* The layers on a block whose first nr rows of h[0] are filled: out gets those nr rows.
+ * first_sparse: h[0] came out of a ReLU. */
+static void mlp_block(struct mlp_scratch *sc, const int nr, const int first_sparse, const int64_t nlayers,
+                      const int64_t *widths, const int *relus, const float *const *ws, const float *const *bs,
+                      const int64_t stride, float *out)
+{
+    if (nr < MLP_ROWS) /* the last block's missing rows: computed on zeros, never written out */
+        memset(sc->h[0] + nr * stride, 0, (MLP_ROWS - nr) * stride * sizeof(float));
+    int cur = 0;
+    for (int64_t l = 0; l < nlayers; l++, cur = 1 - cur)
+        mlp_layer(widths[l], (widths[l + 1] + 15) / 16 * 16, stride, sc->h[cur], ws[l], bs[l], relus[l],
+                  l == 0 ? first_sparse : relus[l - 1], &sc->live, sc->h[1 - cur]);
+    const int64_t dout = widths[nlayers];
+    for (int r = 0; r < nr; r++)
+        memcpy(out + r * dout, sc->h[cur] + r * stride, dout * sizeof(float));
 }
 
 /* m rows: out = the MLP of (table[idx] + extra @ wt, ReLU if first_relu), through nlayers later
@@ -144,17 +254,16 @@ int ciisr_mlp_decode(int64_t m, int64_t e, int first_relu, const float *table, i
 {
     if (index_outside(m, idx, n))
         return 1;
-    float *buf = aligned_alloc(64, 2 * MLP_ROWS * stride * sizeof(float));
-    if (!buf)
+    struct mlp_scratch sc;
+    if (!scratch_alloc(&sc, stride))
         return 2;
-    float *h[2] = {buf, buf + MLP_ROWS * stride};
-    const int64_t d0 = widths[0], dout = widths[nlayers];
+    const int64_t d0 = widths[0];
     for (int64_t r0 = 0; r0 < m; r0 += MLP_ROWS) {
         const int nr = m - r0 < MLP_ROWS ? (int)(m - r0) : MLP_ROWS;
         for (int r = 0; r < nr; r++) {
             const float *restrict t = table + idx[r0 + r] * d0;
             const float *restrict x = extra + (r0 + r) * e;
-            float *restrict o = h[0] + r * stride;
+            float *restrict o = sc.h[0] + r * stride;
             for (int64_t j = 0; j < d0; j++)
                 o[j] = t[j];
             for (int64_t q = 0; q < e; q++) {
@@ -167,15 +276,126 @@ int ciisr_mlp_decode(int64_t m, int64_t e, int first_relu, const float *table, i
                 for (int64_t j = 0; j < d0; j++)
                     o[j] = o[j] > 0.0f ? o[j] : 0.0f;
         }
-        if (nr < MLP_ROWS) /* the last block's missing rows: computed on zeros, never written out */
-            memset(h[0] + nr * stride, 0, (MLP_ROWS - nr) * stride * sizeof(float));
-        int cur = 0;
-        for (int64_t l = 0; l < nlayers; l++, cur = 1 - cur)
-            mlp_layer(widths[l], (widths[l + 1] + 15) / 16 * 16, stride, h[cur], ws[l], bs[l], relus[l], h[1 - cur]);
-        for (int r = 0; r < nr; r++)
-            memcpy(out + (r0 + r) * dout, h[cur] + r * stride, dout * sizeof(float));
+        mlp_block(&sc, nr, first_relu, nlayers, widths, relus, ws, bs, stride, out + r0 * widths[nlayers]);
     }
-    free(buf);
+    scratch_free(&sc);
+    return 0;
+}
+
+/* sin and cos of VEC angles at once, for |x| < SINCOS_LIMIT (the caller sends larger ones,
+ * rare, to libm): x = j pi/2 + r with |r| <= pi/4, pi/2 in three parts whose products with j
+ * are exact in that range (Cody and Waite's reduction, the constants of Cephes' sinf); then
+ * the Cephes minimax polynomials on r, within a few float ulps of sin and cos there. */
+#define SINCOS_LIMIT 8192.0f
+static inline __attribute__((always_inline)) void sincos_vec(const vec x, vec *restrict sin_out,
+                                                             vec *restrict cos_out)
+{
+    const vec round_magic = (vec){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const vec j = (x * 0.636619772367581343f + round_magic) - round_magic;
+    const vec r = ((x - j * 1.5703125f) - j * 4.837512969970703125e-4f) - j * 7.54978995489188216e-8f;
+    const vec z = r * r;
+    const vec sin_r = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+    const vec cos_r = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                      0.5f * z + 1.0f;
+    const veci q = __builtin_convertvector(j, veci);
+    const veci odd = -(q & 1); /* all ones where j is odd: sin and cos swap */
+    const veci s = ((veci)cos_r & odd) | ((veci)sin_r & ~odd);
+    const veci c = ((veci)sin_r & odd) | ((veci)cos_r & ~odd);
+    *sin_out = (vec)(s ^ ((q & 2) << 30));       /* negative for j mod 4 in {2, 3} */
+    *cos_out = (vec)(c ^ (((q + 1) & 2) << 30)); /* negative for j mod 4 in {1, 2} */
+}
+
+/* LTE's Fourier feature for one query into o (2 * half floats): with the latent's
+ * coefficient c (2 * half), frequencies fy, fx (half each), the relative coordinate (dy, dx)
+ * and the phase weight's columns p0, p1 (half each) applied to the relative cell (cy, cx),
+ * o = c * [cos(a), sin(a)], a = pi (fy dy + fx dx + p0 cy + p1 cx). */
+typedef float vecu __attribute__((vector_size(VEC * 4), aligned(4))); /* for rows of tensors: unaligned */
+
+/* The angles pi (fy dy + fx dx + p0 cy + p1 cx) of one vector of a Fourier feature's channels */
+static inline __attribute__((always_inline)) vec fourier_angle(const vec fy, const vec fx, const float dy,
+                                                               const float dx, const vec p0, const vec p1,
+                                                               const float cy, const float cx)
+{
+    return (fy * dy + fx * dx + (p0 * cy + p1 * cx)) * 3.14159265358979323846f;
+}
+
+/* LTE's Fourier feature for one query into o (2 * half floats): with the latent's
+ * coefficient c (2 * half), frequencies fy, fx (half each), the relative coordinate (dy, dx)
+ * and the phase weight's columns p0, p1 (half each) applied to the relative cell (cy, cx),
+ * o = c * [cos(a), sin(a)], a = pi (fy dy + fx dx + p0 cy + p1 cx). */
+static inline void fourier_row(const int64_t half, const float *restrict c, const float *restrict fy,
+                               const float *restrict fx, const float dy, const float dx, const float *restrict p0,
+                               const float *restrict p1, const float cy, const float cx, float *restrict o)
+{
+    const veci magnitude = (veci){0} + 0x7fffffff;
+    veci large = {0}; /* lanes whose angle is beyond SINCOS_LIMIT, or NaN */
+    vec a, sin_a, cos_a;
+    int64_t j = 0;
+    for (; j + VEC <= half; j += VEC) {
+        a = fourier_angle(*(const vecu *)(fy + j), *(const vecu *)(fx + j), dy, dx, *(const vecu *)(p0 + j),
+                          *(const vecu *)(p1 + j), cy, cx);
+        large |= ~((vec)((veci)a & magnitude) < SINCOS_LIMIT);
+        sincos_vec(a, &sin_a, &cos_a);
+        *(vecu *)(o + j) = *(const vecu *)(c + j) * cos_a;
+        *(vecu *)(o + half + j) = *(const vecu *)(c + half + j) * sin_a;
+    }
+    if (j < half) { /* a partial last vector, through zero-padded copies */
+        const size_t bytes = (half - j) * sizeof(float);
+        vec v[6] = {{0}};
+        const float *src[6] = {c + j, c + half + j, fy + j, fx + j, p0 + j, p1 + j};
+        for (int i = 0; i < 6; i++)
+            memcpy(&v[i], src[i], bytes);
+        a = fourier_angle(v[2], v[3], dy, dx, v[4], v[5], cy, cx);
+        large |= ~((vec)((veci)a & magnitude) < SINCOS_LIMIT);
+        sincos_vec(a, &sin_a, &cos_a);
+        cos_a *= v[0];
+        sin_a *= v[1];
+        memcpy(o + j, &cos_a, bytes);
+        memcpy(o + half + j, &sin_a, bytes);
+    }
+    int any = 0;
+    for (int l = 0; l < VEC; l++)
+        any |= large[l];
+    if (__builtin_expect(any, 0)) /* the whole row again, on libm, from the same float angles */
+        for (j = 0; j < half; j += VEC) {
+            const int64_t n = half - j < VEC ? half - j : VEC;
+            vec v[4] = {{0}};
+            const float *src[4] = {fy + j, fx + j, p0 + j, p1 + j};
+            for (int i = 0; i < 4; i++)
+                memcpy(&v[i], src[i], n * sizeof(float));
+            a = fourier_angle(v[0], v[1], dy, dx, v[2], v[3], cy, cx);
+            for (int64_t l = 0; l < n; l++) {
+                o[j + l] = c[j + l] * cosf(a[l]);
+                o[half + j + l] = c[half + j + l] * sinf(a[l]);
+            }
+        }
+}
+
+/* m rows: out = the MLP (nlayers layers from widths[0] = 2 * half, as in ciisr_mlp_decode) of
+ * LTE's Fourier feature of query i: latent idx[i]'s rows of coef (n, 2 * half), freq_y and
+ * freq_x (n, half), rel[i] = (dy, dx), cell[i] = (cy, cx), phase_t (2, half) the phase
+ * weight transposed. 2 if out of memory. */
+int ciisr_fourier_mlp_decode(int64_t m, int64_t half, const float *coef, const float *freq_y, const float *freq_x,
+                             int64_t n, const int64_t *idx, const float *rel, const float *cell,
+                             const float *phase_t, int64_t nlayers, const int64_t *widths, const int *relus,
+                             const float *const *ws, const float *const *bs, int64_t stride, float *out)
+{
+    if (index_outside(m, idx, n))
+        return 1;
+    struct mlp_scratch sc;
+    if (!scratch_alloc(&sc, stride))
+        return 2;
+    for (int64_t r0 = 0; r0 < m; r0 += MLP_ROWS) {
+        const int nr = m - r0 < MLP_ROWS ? (int)(m - r0) : MLP_ROWS;
+        for (int r = 0; r < nr; r++) {
+            const int64_t i = r0 + r, t = idx[i];
+            fourier_row(half, coef + t * 2 * half, freq_y + t * half, freq_x + t * half, rel[2 * i],
+                        rel[2 * i + 1], phase_t, phase_t + half, cell[2 * i], cell[2 * i + 1],
+                        sc.h[0] + r * stride);
+        }
+        mlp_block(&sc, nr, 0, nlayers, widths, relus, ws, bs, stride, out + r0 * widths[nlayers]);
+    }
+    scratch_free(&sc);
     return 0;
 }
 

@@ -9,7 +9,8 @@ runs each decoder from the latent row table to its output in one kernel, a block
 at a time, with the activations in L1:
 
 * :class:`MLPKernel` - an MLP whose first layer's latent part was precomputed on the LR
-  grid (LIIF, both LIIF-GAN decoders, A-LIIF's expansion net);
+  grid (LIIF, both LIIF-GAN decoders, A-LIIF's expansion net), or an MLP on LTE's Fourier
+  feature, formed per row in the kernel (:meth:`MLPKernel.fourier`);
 * :class:`BasisKernel` - A-LIIF's bases, mixed per query.
 
 The C source is compiled with the system C compiler (``$CC``, else ``cc``) for this CPU
@@ -28,6 +29,7 @@ import concurrent.futures
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -48,6 +50,7 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fused_cpu.c'
 _X86 = platform.machine().lower() in ('x86_64', 'amd64', 'i386', 'i686')
 # x86 compilers default to 256-bit vectors even on AVX-512 CPUs; other compilers reject the option
 _FLAGS = ('-O3', '-march=native', *(('-mprefer-vector-width=512', ) if _X86 else ()), '-std=gnu11', '-shared', '-fPIC')
+_LIBS = ('-lm', )  # sinf / cosf for the Fourier feature's rare huge angles
 _ENABLED = os.environ.get('CIISR_FUSED_CPU', 'on').lower() not in ('off', '0', 'false', 'no')
 _LIBRARIES = {}  # defines -> ctypes library, or None when it could not be built / failed its check
 _LOCK = threading.Lock()
@@ -114,7 +117,7 @@ def _compile(defines):
     with open(_SOURCE) as f:
         source = f.read()
     header = ''.join(f'#define {name} {value}\n' for name, value in defines)
-    key = hashlib.sha256('\0'.join([header, source, cc, ' '.join(_FLAGS), _cpu_signature()
+    key = hashlib.sha256('\0'.join([header, source, cc, ' '.join(_FLAGS + _LIBS), _cpu_signature()
                                     ]).encode()).hexdigest()[:20]
     root = cache_dir()
     try:
@@ -132,7 +135,7 @@ def _compile(defines):
             f.write(header + source)
         built = os.path.join(tmp, 'fused_cpu.so')
         start = time.perf_counter()
-        result = subprocess.run([cc, *_FLAGS, '-o', built, c_file], capture_output=True, text=True)
+        result = subprocess.run([cc, *_FLAGS, '-o', built, c_file, *_LIBS], capture_output=True, text=True)
         if result.returncode != 0:
             first = (result.stderr.strip().splitlines() or ['(no message)'])[0]
             raise KernelError(f'{cc} failed on fused_cpu.c: {first}')
@@ -150,6 +153,9 @@ def _load(path):
         lib.ciisr_mlp_decode.argtypes = [i64, i64, ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64,
                                          ptr]
         lib.ciisr_mlp_decode.restype = ctypes.c_int
+        lib.ciisr_fourier_mlp_decode.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr,
+                                                 ptr, i64, ptr]
+        lib.ciisr_fourier_mlp_decode.restype = ctypes.c_int
     if hasattr(lib, 'ciisr_basis_decode'):
         lib.ciisr_basis_decode.argtypes = [i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         lib.ciisr_basis_decode.restype = ctypes.c_int
@@ -175,6 +181,28 @@ def _self_check(lib):
         expected = kernel.reference(table, index, extra, first_weight, True)
         if not torch.allclose(out, expected, rtol=1e-5, atol=1e-5):
             raise KernelError('the compiled MLP kernel disagrees with torch on a test case')
+    out, expected = fourier_case(lib, seed=1)
+    if not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
+        raise KernelError('the compiled Fourier-feature kernel disagrees with torch on a test case')
+
+
+def fourier_case(lib, seed, half=10, rows=31):
+    """(kernel output, torch's) for a random MLP on random Fourier features: by default a
+    partial last vector (half = 10), angles in every quadrant and, in the first row, angles
+    beyond the polynomial's range (the libm branch), formed exactly (d = (1, 0), no cell) so
+    that both sides round the same float angle."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = [(torch.randn(16, 2 * half, generator=gen) / half**0.5, torch.randn(16, generator=gen), True),
+              (torch.randn(3, 16, generator=gen) / 4, torch.randn(3, generator=gen), False)]
+    tables = (torch.randn(5, 2 * half, generator=gen), 20 * torch.randn(5, half, generator=gen),
+              20 * torch.randn(5, half, generator=gen))
+    rel, cell = 2 * torch.rand(rows, 2, generator=gen) - 1, torch.rand(rows, 2, generator=gen) / 4
+    phase_weight, index = torch.randn(half, 2, generator=gen), torch.randint(1, 5, (rows, ), generator=gen)
+    tables[1][0, :3] = torch.tensor([9000.5, -2e5, 3e7])  # latent 0: row 0's alone
+    index[0], rel[0], cell[0] = 0, torch.tensor([1.0, 0.0]), 0.0
+    kernel = MLPKernel(layers)
+    return (kernel.launch_fourier(lib, tables, index, rel, cell, phase_weight),
+            kernel.reference_fourier(tables, index, rel, cell, phase_weight))
 
 
 def library(defines=(), check=None):
@@ -308,6 +336,52 @@ class MLPKernel:
             h = F.linear(h, weight, bias)
             h = h.relu() if relu else h
         return h
+
+    def reference_fourier(self, tables, index, rel_coord, rel_cell, phase_weight):
+        """What :meth:`fourier` computes, in plain torch."""
+        coef, freq_y, freq_x = (t[index] for t in tables)
+        angle = math.pi * (freq_y * rel_coord[:, :1] + freq_x * rel_coord[:, 1:] + rel_cell @ phase_weight.t())
+        h = coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
+        for weight, bias, relu in self.layers:
+            h = F.linear(h, weight, bias)
+            h = h.relu() if relu else h
+        return h
+
+    def fourier(self, tables, index, rel_coord, rel_cell, phase_weight):
+        """(M, out): the MLP (all its layers packed here) on LTE's Fourier feature
+        ``c * [cos(pi a), sin(pi a)]``, ``a = f_y d_y + f_x d_x + phase_weight @ rel_cell``, of
+        ``tables`` = (coefficient (N, 2H), f_y (N, H), f_x (N, H)) read at ``index`` (M,), the
+        relative coordinates ``rel_coord`` (M, 2) and cells ``rel_cell`` (M, 2), ``phase_weight``
+        (H, 2); None where the kernels are not available."""
+        lib = library()
+        if lib is None or not hasattr(lib, 'ciisr_fourier_mlp_decode'):
+            return None
+        return self.launch_fourier(lib, tables, index, rel_coord, rel_cell, phase_weight)
+
+    def launch_fourier(self, lib, tables, index, rel_coord, rel_cell, phase_weight):
+        coef, freq_y, freq_x = (t.contiguous() for t in tables)
+        index, rel_coord, rel_cell = index.contiguous(), rel_coord.float().contiguous(), rel_cell.float().contiguous()
+        phase_t = phase_weight.detach().t().float().contiguous()
+        n, half, m = freq_y.shape[0], freq_y.shape[1], index.shape[0]
+        _check_shapes('fourier_mlp_decode', self.widths is not None and self.widths[0] == 2 * half
+                      and coef.shape == (n, 2 * half) and freq_x.shape == (n, half) and phase_t.shape == (2, half)
+                      and rel_coord.shape == (m, 2) and rel_cell.shape == (m, 2) and index.dtype == torch.int64
+                      and all(t.dtype == torch.float32 for t in (coef, freq_y, freq_x)), coefficient=coef,
+                      frequency_y=freq_y, frequency_x=freq_x, index=index, rel_coord=rel_coord, rel_cell=rel_cell,
+                      phase_weight=phase_weight)
+        widths_t = torch.tensor(self.widths, dtype=torch.int64)
+        stride = max(_padded(w) for w in self.widths)
+        out = torch.empty(m, self.widths[-1])
+
+        def run(a, b):
+            return lib.ciisr_fourier_mlp_decode(b - a, half, coef.data_ptr(), freq_y.data_ptr(), freq_x.data_ptr(),
+                                                n, index[a:].data_ptr(), rel_coord[a:].data_ptr(),
+                                                rel_cell[a:].data_ptr(), phase_t.data_ptr(), len(self.layers),
+                                                widths_t.data_ptr(), self._relus, self._weight_ptrs,
+                                                self._bias_ptrs, stride, out[a:].data_ptr())
+
+        _check(_split_rows(m, run), 'fourier_mlp_decode')
+        return out
 
     def __call__(self, table, index, extra, first_weight, first_relu):
         """(M, out): the MLP on ``table[index] + extra @ first_weight.T`` (ReLU'd if

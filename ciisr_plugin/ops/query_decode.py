@@ -5,7 +5,9 @@ latent on the LR grid and kept as a row table (see ``archs/implicit_query.py``);
 only the rest runs. These ops are that rest:
 
 * :func:`mlp_decode` - ``relu?(table[index] + extra @ first_weight.T)``, then an MLP (LIIF,
-  both LIIF-GAN decoders, A-LIIF's expansion net, LTE's MLP on its Fourier feature);
+  both LIIF-GAN decoders, A-LIIF's expansion net);
+* :func:`fourier_mlp_decode` - LTE's Fourier feature of the estimator's tables read at
+  ``index``, then its MLP;
 * :func:`basis_decode` - A-LIIF's ``K`` basis MLPs, mixed per query by coefficients.
 
 Each op owns both of its implementations: on CPU float32 inference the fused kernel of
@@ -14,11 +16,13 @@ everywhere else - autograd, autocast, GPUs, tracing / export, a CPU where the ke
 build - plain torch ops, the same numbers to float rounding. An arch calls the op and never
 asks which one ran.
 """
+import math
+
 import torch
 from torch import nn
 
 from . import fused_cpu
-from .cpu_linear import linear
+from .cpu_linear import exporting, linear
 
 
 def dense_layers(layers):
@@ -90,6 +94,45 @@ def _fused_mlp(owner, table, index, extra, first_weight, layers, first_relu):
     if extra is None:  # a zero-width query part
         extra, first_weight = table.new_zeros(index.shape[0], 0), table.new_zeros(table.shape[1], 0)
     return kernel(table, index, extra.float(), first_weight, first_relu)
+
+
+# ----------------------------------------------------------------------------------------------
+# LTE's Fourier feature
+def fourier_feature(rows, rel_coord, rel_cell, phase_weight):
+    """(M, 2H) ``c * [cos(pi a), sin(pi a)]``, ``a = f_y d_y + f_x d_x + rel_cell @ phase_weight.T``,
+    from gathered rows ``(c (M, 2H), f_y (M, H), f_x (M, H))``, which it may overwrite."""
+    coef, freq_y, freq_x = rows
+    phase = torch.nn.functional.linear(rel_cell, phase_weight)
+    if torch.is_grad_enabled() or exporting():
+        # the authors' order: the two products summed, then the phase added
+        angle = math.pi * (freq_y * rel_coord[:, :1] + freq_x * rel_coord[:, 1:] + phase)
+        return coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
+    # inference: the same arithmetic in place on the fresh gathers, no temporaries
+    angle = freq_y.mul_(rel_coord[:, :1]).add_(freq_x.mul_(rel_coord[:, 1:])).add_(phase).mul_(math.pi)
+    half = angle.shape[1]
+    out = torch.empty_like(coef)
+    torch.cos(angle, out=out[:, :half])
+    torch.sin(angle, out=out[:, half:])
+    return out.mul_(coef)
+
+
+def fourier_mlp_decode(tables, index, rel_coord, rel_cell, phase_weight, layers, owner=None):
+    """(M, out): ``layers`` (all of the MLP's, see :func:`dense_layers`) on LTE's
+    :func:`fourier_feature` of ``tables`` = (coefficient (N, 2H), f_y (N, H), f_x (N, H)) read at
+    ``index`` (M,) int64, ``rel_coord`` and ``rel_cell`` (M, 2), ``phase_weight`` (H, 2).
+
+    On CPU inference the fused kernel forms the feature per row (vectorised sin / cos, within a
+    few float ulps of torch's) and runs the MLP on it, so neither the (M, 3H) gathers nor the
+    (M, 2H) feature are written out; ``owner`` as in :func:`mlp_decode`."""
+    if owner is not None and fused_cpu.applies(*tables, rel_coord, rel_cell):
+        params = [p for w, b, _ in layers for p in (w, b) if p is not None]
+        kernel = fused_cpu.cached_kernel(owner, 'mlp', params, lambda: fused_cpu.MLPKernel(layers))
+        out = kernel.fourier(tables, index, rel_coord, rel_cell, phase_weight)
+        if out is not None:
+            return out
+    rows = tuple(t.index_select(0, index) for t in tables)
+    return mlp_decode(fourier_feature(rows, rel_coord, rel_cell, phase_weight), None, None, None, layers,
+                      first_relu=False)
 
 
 # ----------------------------------------------------------------------------------------------

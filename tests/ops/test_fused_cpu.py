@@ -25,8 +25,8 @@ def _built():
 
 def _spy(monkeypatch):
     """Count the fused kernels' runs (that they ran, not just that the output matches)."""
-    calls = {'mlp': 0, 'basis': 0}
-    mlp, basis = fused_cpu.MLPKernel.__call__, fused_cpu.BasisKernel.__call__
+    calls = {'mlp': 0, 'basis': 0, 'fourier': 0}
+    mlp, basis, fourier = fused_cpu.MLPKernel.__call__, fused_cpu.BasisKernel.__call__, fused_cpu.MLPKernel.fourier
 
     def mlp_spy(*args, **kwargs):
         out = mlp(*args, **kwargs)
@@ -38,7 +38,13 @@ def _spy(monkeypatch):
         calls['basis'] += out is not None
         return out
 
+    def fourier_spy(*args, **kwargs):
+        out = fourier(*args, **kwargs)
+        calls['fourier'] += out is not None
+        return out
+
     monkeypatch.setattr(fused_cpu.MLPKernel, '__call__', mlp_spy)
+    monkeypatch.setattr(fused_cpu.MLPKernel, 'fourier', fourier_spy)
     monkeypatch.setattr(fused_cpu.BasisKernel, '__call__', basis_spy)
     return calls
 
@@ -94,6 +100,10 @@ def test_builds_for_other_instruction_sets_decode_the_same(march, built, monkeyp
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
+# the MLP kernel itself (the decoders' torch path is tested wherever it is missing)
+needs_mlp_kernel = pytest.mark.skipif('mlp' not in _built(), reason='no MLP kernel for this CPU (AVX2 / AVX-512 only)')
+
+
 def _mlp_case(widths, e, rows, seed, relus=None):
     """A random MLP (first-layer width ``widths[0]``, then ``widths[1:]``) and its inputs."""
     gen = torch.Generator().manual_seed(seed)
@@ -114,6 +124,7 @@ def _mlp_expected(layers, table, index, extra, first_weight, first_relu):
     return h
 
 
+@needs_mlp_kernel
 @pytest.mark.parametrize('first_relu', [True, False])
 @pytest.mark.parametrize('widths, e', [
     ((256, 256, 256, 256, 3), 4),  # LIIF's decoder: the 256-wide code path
@@ -129,6 +140,7 @@ def test_mlp_kernel_matches_torch(widths, e, first_relu):
     torch.testing.assert_close(out, _mlp_expected(layers, *inputs, first_relu), rtol=1e-5, atol=1e-5)
 
 
+@needs_mlp_kernel
 def test_mlp_kernel_relus_follow_the_layers():
     layers, inputs = _mlp_case((24, 40, 40, 6), 4, 50, seed=9, relus=[False, True, True])  # ReLU on the output
     with torch.no_grad():
@@ -138,6 +150,39 @@ def test_mlp_kernel_relus_follow_the_layers():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_mlp_kernel
+@pytest.mark.parametrize('first_relu', [True, False])
+def test_inputs_zero_across_a_block_are_skipped_exactly(first_relu):
+    # the kernel skips a layer's inputs that a ReLU zeroed in every row of a block: make most
+    # units dead (very negative biases) but alive in a few rows, in every pattern of rows,
+    # so that a skipped live input, a wrong list or a stale entry changes the output
+    gen = torch.Generator().manual_seed(12)
+    widths, rows = (256, 256, 256, 256, 3), 257
+    layers, inputs = _mlp_case(widths, 4, rows, seed=12)
+    table, index, extra, first_weight = inputs
+    for i, (weight, bias, relu) in enumerate(layers[:-1]):
+        bias = bias - 3 * (torch.rand(bias.shape, generator=gen) < 0.7)  # most units dead in most rows
+        layers[i] = (weight, bias, relu)
+    table = table - 3 * (torch.rand(table.shape, generator=gen) < 0.7)
+    with torch.no_grad():
+        out = fused_cpu.MLPKernel(layers)(table, index, extra, first_weight, first_relu)
+        expected = _mlp_expected(layers, table, index, extra, first_weight, first_relu)
+        hidden = torch.relu(table[index] + extra @ first_weight.t())[:rows // 6 * 6].view(-1, 6, 256)
+    dead_in_block = (hidden == 0).all(1).float().mean()
+    assert 0.1 < dead_in_block < 0.9  # the case does exercise skipping, and not of everything
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_mlp_kernel
+@pytest.mark.parametrize('seed, half', [(0, 10), (1, 128), (2, 3)])
+def test_fourier_kernel_matches_torch(seed, half):
+    # LTE's Fourier feature formed in the kernel (vectorised sin / cos; libm beyond |a| = 8192)
+    out, expected = fused_cpu.fourier_case(fused_cpu.library(), seed, half=half, rows=100)
+    assert expected.std() > 0.1
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=2e-5)
+
+
+@needs_mlp_kernel
 def test_rows_split_across_threads_match(monkeypatch):
     monkeypatch.setattr(fused_cpu, '_ROWS_PER_THREAD', 64)
     layers, inputs = _mlp_case((64, 32, 3), 4, 1001, seed=3)
@@ -151,6 +196,7 @@ def test_rows_split_across_threads_match(monkeypatch):
     torch.testing.assert_close(out, _mlp_expected(layers, *inputs, True), rtol=1e-5, atol=1e-5)
 
 
+@needs_mlp_kernel
 def test_an_index_outside_the_table_raises_instead_of_reading_memory():
     layers, (table, _, extra, first_weight) = _mlp_case((32, 16, 3), 4, 5, seed=4)
     kernel = fused_cpu.MLPKernel(layers)
@@ -160,6 +206,7 @@ def test_an_index_outside_the_table_raises_instead_of_reading_memory():
             kernel(table, index, extra, first_weight, True)
 
 
+@needs_mlp_kernel
 def test_inconsistent_shapes_are_an_error_not_a_read_past_the_tensor():
     layers, (table, _, _, first_weight) = _mlp_case((32, 16, 3), 4, 3, seed=5)
     index = torch.tensor([0, 1, 2])
@@ -206,6 +253,11 @@ NETS = {
                   'cell_decode': False, 'out_channels': 5},
     'aliif-one-basis': {'type': 'ALIIF', 'encoder': {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 1},
                         'num_basis': 1, 'basis_hidden': [16], 'expansion_hidden': [16], 'feat_unfold': False},
+    'lte': {'type': 'LTE', 'encoder': {'type': 'EDSREncoder', 'num_feat': 16, 'num_block': 2}, 'hidden_dim': 32,
+            'hidden_list': [32, 32]},
+    # a Fourier feature of 10 + 10 channels: a partial last vector on every CPU
+    'lte-plus-odd': {'type': 'LTEPlus', 'encoder': {'type': 'EDSREncoder', 'num_feat': 8, 'num_block': 1},
+                     'hidden_dim': 20, 'num_layer': 2},
 }
 
 
@@ -225,7 +277,7 @@ def test_fused_inference_matches_the_torch_path(name, monkeypatch):
     lq = torch.rand(2, 3, 13, 17, generator=torch.Generator().manual_seed(1))
     calls = _spy(monkeypatch)
     fused = upscale_tiled(net, lq, (29, 41), chunk_size=100)
-    assert (calls['mlp'] > 0) == ('mlp' in _built())
+    assert (calls['mlp' if name.startswith(('liif', 'aliif')) else 'fourier'] > 0) == ('mlp' in _built())
     assert (calls['basis'] > 0) == (name.startswith('aliif') and 'basis' in _built())
     fused_cpu.set_enabled(False)
     plain = upscale_tiled(net, lq, (29, 41), chunk_size=100)
