@@ -272,41 +272,68 @@ static void mlp_group(struct mlp_scratch *sc, const int nr, const int first_spar
         memcpy(out + r * dout, sc->h[cur] + r * stride, dout * sizeof(float));
 }
 
-/* m rows: out = the MLP of (table[idx] + extra @ wt, ReLU if first_relu), through nlayers later
- * layers of widths[l] -> widths[l + 1] (weights ws, biases bs, zero-padded to whole vectors;
- * relus[l]); stride >= every padded width and widths[0]. 2 if out of memory. */
-int ciisr_mlp_decode(int64_t m, int64_t e, int first_relu, const float *table, int64_t n, const int64_t *idx,
-                     const float *extra, const float *wt, int64_t nlayers, const int64_t *widths, const int *relus,
-                     const float *const *ws, const float *const *bs, int64_t stride, float *out)
+/* What a decoder feeds its layers: fill(inputs, i, o) writes query i's first activations to o */
+typedef void (*fill_row)(const void *inputs, int64_t i, float *restrict o);
+
+/* m rows through the layers (nlayers layers of widths[l] -> widths[l + 1], weights ws and
+ * biases bs zero-padded to whole vectors, relus[l]), each row's input made by fill; idx: the
+ * rows of the n-row tables that fill reads. stride >= every padded width and widths[0].
+ * first_sparse: fill's rows come out of a ReLU. 1 if an index is outside the tables (nothing
+ * written), 2 if out of memory. */
+static int decode_rows(const int64_t m, const int64_t *idx, const int64_t n, const fill_row fill, const void *inputs,
+                       const int first_sparse, const int64_t nlayers, const int64_t *widths, const int *relus,
+                       const float *const *ws, const float *const *bs, const int64_t stride, float *out)
 {
     if (index_outside(m, idx, n))
         return 1;
     struct mlp_scratch sc;
     if (!scratch_alloc(&sc, stride))
         return 2;
-    const int64_t d0 = widths[0];
     for (int64_t r0 = 0; r0 < m; r0 += GROUP_ROWS) {
         const int nr = m - r0 < GROUP_ROWS ? (int)(m - r0) : GROUP_ROWS;
-        for (int r = 0; r < nr; r++) {
-            const float *restrict t = table + idx[r0 + r] * d0;
-            const float *restrict x = extra + (r0 + r) * e;
-            float *restrict o = sc.h[0] + r * stride;
-            for (int64_t j = 0; j < d0; j++)
-                o[j] = t[j];
-            for (int64_t q = 0; q < e; q++) {
-                const float xq = x[q];
-                const float *restrict wq = wt + q * d0;
-                for (int64_t j = 0; j < d0; j++)
-                    o[j] += xq * wq[j];
-            }
-            if (first_relu)
-                for (int64_t j = 0; j < d0; j++)
-                    o[j] = o[j] > 0.0f ? o[j] : 0.0f;
-        }
-        mlp_group(&sc, nr, first_relu, nlayers, widths, relus, ws, bs, stride, out + r0 * widths[nlayers]);
+        for (int r = 0; r < nr; r++)
+            fill(inputs, r0 + r, sc.h[0] + r * stride);
+        mlp_group(&sc, nr, first_sparse, nlayers, widths, relus, ws, bs, stride, out + r0 * widths[nlayers]);
     }
     scratch_free(&sc);
     return 0;
+}
+
+struct latent_inputs {
+    const float *table, *extra, *wt;
+    const int64_t *idx;
+    int64_t d0, e;
+    int relu;
+};
+
+/* table[idx[i]] + extra[i] @ wt, ReLU'd if relu */
+static void fill_latent_row(const void *inputs, const int64_t i, float *restrict o)
+{
+    const struct latent_inputs *in = inputs;
+    const int64_t d0 = in->d0;
+    const float *restrict t = in->table + in->idx[i] * d0;
+    const float *restrict x = in->extra + i * in->e;
+    for (int64_t j = 0; j < d0; j++)
+        o[j] = t[j];
+    for (int64_t q = 0; q < in->e; q++) {
+        const float xq = x[q];
+        const float *restrict wq = in->wt + q * d0;
+        for (int64_t j = 0; j < d0; j++)
+            o[j] += xq * wq[j];
+    }
+    if (in->relu)
+        for (int64_t j = 0; j < d0; j++)
+            o[j] = o[j] > 0.0f ? o[j] : 0.0f;
+}
+
+/* m rows: out = the MLP of (table[idx] + extra @ wt, ReLU if first_relu), through nlayers later
+ * layers of widths[l] -> widths[l + 1] (see decode_rows). */
+int ciisr_mlp_decode(int64_t m, int64_t e, int first_relu, const float *table, int64_t n, const int64_t *idx,
+                     const float *extra, const float *wt, int64_t nlayers, const int64_t *widths, const int *relus,
+                     const float *const *ws, const float *const *bs, int64_t stride, float *out)
+{
+    const struct latent_inputs in = {table, extra, wt, idx, widths[0], e, first_relu};
+    return decode_rows(m, idx, n, fill_latent_row, &in, first_relu, nlayers, widths, relus, ws, bs, stride, out);
 }
 
 /* sin and cos of VEC angles at once, for |x| < SINCOS_LIMIT (the caller sends larger ones,
@@ -398,32 +425,31 @@ static inline void fourier_row(const int64_t half, const float *restrict c, cons
         }
 }
 
-/* m rows: out = the MLP (nlayers layers from widths[0] = 2 * half, as in ciisr_mlp_decode) of
- * LTE's Fourier feature of query i: latent idx[i]'s rows of coef (n, 2 * half), freq_y and
- * freq_x (n, half), rel[i] = (dy, dx), cell[i] = (cy, cx), phase_t (2, half) the phase
- * weight transposed. 2 if out of memory. */
+struct fourier_inputs {
+    const float *coef, *freq_y, *freq_x, *rel, *cell, *phase_t;
+    const int64_t *idx;
+    int64_t half;
+};
+
+static void fill_fourier_row(const void *inputs, const int64_t i, float *restrict o)
+{
+    const struct fourier_inputs *in = inputs;
+    const int64_t half = in->half, t = in->idx[i];
+    fourier_row(half, in->coef + t * 2 * half, in->freq_y + t * half, in->freq_x + t * half, in->rel[2 * i],
+                in->rel[2 * i + 1], in->phase_t, in->phase_t + half, in->cell[2 * i], in->cell[2 * i + 1], o);
+}
+
+/* m rows: out = the MLP (nlayers layers from widths[0] = 2 * half, see decode_rows) of LTE's
+ * Fourier feature of query i: latent idx[i]'s rows of coef (n, 2 * half), freq_y and freq_x
+ * (n, half), rel[i] = (dy, dx), cell[i] = (cy, cx), phase_t (2, half) the phase weight
+ * transposed. */
 int ciisr_fourier_mlp_decode(int64_t m, int64_t half, const float *coef, const float *freq_y, const float *freq_x,
                              int64_t n, const int64_t *idx, const float *rel, const float *cell,
                              const float *phase_t, int64_t nlayers, const int64_t *widths, const int *relus,
                              const float *const *ws, const float *const *bs, int64_t stride, float *out)
 {
-    if (index_outside(m, idx, n))
-        return 1;
-    struct mlp_scratch sc;
-    if (!scratch_alloc(&sc, stride))
-        return 2;
-    for (int64_t r0 = 0; r0 < m; r0 += GROUP_ROWS) {
-        const int nr = m - r0 < GROUP_ROWS ? (int)(m - r0) : GROUP_ROWS;
-        for (int r = 0; r < nr; r++) {
-            const int64_t i = r0 + r, t = idx[i];
-            fourier_row(half, coef + t * 2 * half, freq_y + t * half, freq_x + t * half, rel[2 * i],
-                        rel[2 * i + 1], phase_t, phase_t + half, cell[2 * i], cell[2 * i + 1],
-                        sc.h[0] + r * stride);
-        }
-        mlp_group(&sc, nr, 0, nlayers, widths, relus, ws, bs, stride, out + r0 * widths[nlayers]);
-    }
-    scratch_free(&sc);
-    return 0;
+    const struct fourier_inputs in = {coef, freq_y, freq_x, rel, cell, phase_t, idx, half};
+    return decode_rows(m, idx, n, fill_fourier_row, &in, 0, nlayers, widths, relus, ws, bs, stride, out);
 }
 
 #endif /* HAS_MLP_KERNEL */
