@@ -86,9 +86,15 @@ def mlp_decode(table, index, extra, first_weight, layers, first_relu=True, owner
     return h
 
 
-def _fused_mlp(owner, table, index, extra, first_weight, layers, first_relu):
+def mlp_kernel(owner, layers):
+    """``layers`` packed for :class:`fused_cpu.MLPKernel`, cached on ``owner`` (rebuilt whenever
+    a parameter changes)."""
     params = [p for w, b, _ in layers for p in (w, b) if p is not None]
-    kernel = fused_cpu.cached_kernel(owner, 'mlp', params, lambda: fused_cpu.MLPKernel(layers))
+    return fused_cpu.cached_kernel(owner, 'mlp', params, lambda: fused_cpu.MLPKernel(layers))
+
+
+def _fused_mlp(owner, table, index, extra, first_weight, layers, first_relu):
+    kernel = mlp_kernel(owner, layers)
     if index is None:
         index = torch.arange(table.shape[0])
     if extra is None:  # a zero-width query part
@@ -125,9 +131,7 @@ def fourier_mlp_decode(tables, index, rel_coord, rel_cell, phase_weight, layers,
     few float ulps of torch's) and runs the MLP on it, so neither the (M, 3H) gathers nor the
     (M, 2H) feature are written out; ``owner`` as in :func:`mlp_decode`."""
     if owner is not None and fused_cpu.applies(*tables, rel_coord, rel_cell):
-        params = [p for w, b, _ in layers for p in (w, b) if p is not None]
-        kernel = fused_cpu.cached_kernel(owner, 'mlp', params, lambda: fused_cpu.MLPKernel(layers))
-        out = kernel.fourier(tables, index, rel_coord, rel_cell, phase_weight)
+        out = mlp_kernel(owner, layers).fourier(tables, index, rel_coord, rel_cell, phase_weight)
         if out is not None:
             return out
     rows = tuple(t.index_select(0, index) for t in tables)
