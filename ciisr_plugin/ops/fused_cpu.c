@@ -6,10 +6,10 @@
  * nothing) when an index is outside the table.
  *
  * ciisr_mlp_decode: an MLP whose first Linear's latent part was precomputed on the LR grid,
- *   from that row table to the output: per block of rows, the first layer (row + the
+ *   from that row table to the output: per group of rows, the first layer (row + the
  *   query's coordinate part, ReLU) and every later layer run on activations that stay in
- *   L1, and only the output is written. One pass instead of a gather, an add, a ReLU and
- *   an (M, width) tensor written and read back per layer.
+ *   cache (L1 / L2), and only the output is written. One pass instead of a gather, an add,
+ *   a ReLU and an (M, width) tensor written and read back per layer.
  * ciisr_fourier_mlp_decode: the same MLP on LTE's Fourier feature, which it forms per row
  *   from the coefficient and frequency tables (vectorised sin / cos), so the (M, 256)
  *   feature is never written out either.
