@@ -331,17 +331,16 @@ class MLPKernel:
     def reference(self, table, index, extra, first_weight, first_relu):
         """What the kernel computes, in plain torch."""
         h = table[index] + extra @ first_weight.t()
-        h = h.relu() if first_relu else h
-        for weight, bias, relu in self.layers:
-            h = F.linear(h, weight, bias)
-            h = h.relu() if relu else h
-        return h
+        return self._layers_reference(h.relu() if first_relu else h)
 
     def reference_fourier(self, tables, index, rel_coord, rel_cell, phase_weight):
         """What :meth:`fourier` computes, in plain torch."""
         coef, freq_y, freq_x = (t[index] for t in tables)
         angle = math.pi * (freq_y * rel_coord[:, :1] + freq_x * rel_coord[:, 1:] + rel_cell @ phase_weight.t())
-        h = coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
+        return self._layers_reference(coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=1))
+
+    def _layers_reference(self, h):
+        """The packed layers on ``h``, in plain torch."""
         for weight, bias, relu in self.layers:
             h = F.linear(h, weight, bias)
             h = h.relu() if relu else h
