@@ -452,6 +452,138 @@ int ciisr_fourier_mlp_decode(int64_t m, int64_t half, const float *coef, const f
     return decode_rows(m, idx, n, fill_fourier_row, &in, 0, nlayers, widths, relus, ws, bs, stride, out);
 }
 
+/* Training: LTE's Fourier feature as its own autograd op, forward and backward here (the
+ * MLP's products run on oneDNN). In torch the feature is ~10 passes over (M, 256) tensors
+ * each way, the gathers' backward a scatter-add; here one pass each way. */
+
+/* out (m, 2 * half): the Fourier features of queries [0, m) (see fourier_row). 1 if an
+ * index is outside the tables (nothing written). */
+int ciisr_fourier_feature(int64_t m, int64_t half, const float *coef, const float *freq_y, const float *freq_x,
+                          int64_t n, const int64_t *idx, const float *rel, const float *cell, const float *phase_t,
+                          float *out)
+{
+    if (index_outside(m, idx, n))
+        return 1;
+    const struct fourier_inputs in = {coef, freq_y, freq_x, rel, cell, phase_t, idx, half};
+    for (int64_t i = 0; i < m; i++)
+        fill_fourier_row(&in, i, out + i * 2 * half);
+    return 0;
+}
+
+/* The m queries grouped by latent (a counting sort, stable): latent t's are
+ * order[starts[t] .. starts[t + 1]), in increasing query order. The backward then gathers
+ * per latent instead of scattering per query: no two threads write one latent's gradient,
+ * and every sum is made in the same order whatever the thread count. 1 if an index is
+ * outside [0, n). */
+int ciisr_queries_by_latent(int64_t m, const int64_t *idx, int64_t n, int64_t *starts, int64_t *order)
+{
+    if (index_outside(m, idx, n))
+        return 1;
+    memset(starts, 0, (n + 1) * sizeof(int64_t));
+    for (int64_t i = 0; i < m; i++)
+        starts[idx[i] + 1]++;
+    for (int64_t t = 0; t < n; t++)
+        starts[t + 1] += starts[t];
+    int64_t *next = malloc(n * sizeof(int64_t) + 1);
+    if (!next)
+        return 2;
+    memcpy(next, starts, n * sizeof(int64_t));
+    for (int64_t i = 0; i < m; i++)
+        order[next[idx[i]]++] = i;
+    free(next);
+    return 0;
+}
+
+/* sin and cos of VEC angles, any magnitude: the vector polynomials, and libm for lanes beyond
+ * their range (or NaN) */
+static inline __attribute__((always_inline)) void sincos_any(const vec a, vec *restrict sin_a, vec *restrict cos_a)
+{
+    sincos_vec(a, sin_a, cos_a);
+    const veci large = ~((vec)((veci)a & ((veci){0} + 0x7fffffff)) < SINCOS_LIMIT);
+    int any = 0;
+    for (int l = 0; l < VEC; l++)
+        any |= large[l];
+    if (__builtin_expect(any, 0))
+        for (int l = 0; l < VEC; l++)
+            if (large[l]) {
+                (*sin_a)[l] = sinf(a[l]);
+                (*cos_a)[l] = cosf(a[l]);
+            }
+}
+
+static inline vec load_part(const float *p, const int64_t n)
+{
+    vec v = {0};
+    memcpy(&v, p, n * sizeof(float));
+    return v;
+}
+
+/* One vector of channels [j, j + nj) of latent t's gradients, from its queries' rows of grad
+ * (see ciisr_fourier_feature_backward). nj == VEC: direct loads; else zero-padded copies. */
+static inline __attribute__((always_inline)) void fourier_backward_vector(
+    const int64_t t, const int64_t j, const int64_t nj, const int64_t half, const float *restrict coef,
+    const float *restrict freq_y, const float *restrict freq_x, const int64_t *restrict starts,
+    const int64_t *restrict order, const float *restrict rel, const float *restrict cell,
+    const float *restrict phase_t, const float *restrict grad, float *restrict grad_coef, float *restrict grad_fy,
+    float *restrict grad_fx, double *restrict grad_phase)
+{
+    const int full = nj == VEC;
+#define LOAD(p) (full ? *(const vecu *)(p) : load_part((p), nj))
+    const vec c_cos = LOAD(coef + t * 2 * half + j), c_sin = LOAD(coef + t * 2 * half + half + j);
+    const vec fy = LOAD(freq_y + t * half + j), fx = LOAD(freq_x + t * half + j);
+    const vec p0 = LOAD(phase_t + j), p1 = LOAD(phase_t + half + j);
+    vec g_ccos = {0}, g_csin = {0}, g_fy = {0}, g_fx = {0}, g_p0 = {0}, g_p1 = {0};
+    for (int64_t k = starts[t]; k < starts[t + 1]; k++) {
+        const int64_t i = order[k];
+        const float dy = rel[2 * i], dx = rel[2 * i + 1], cy = cell[2 * i], cx = cell[2 * i + 1];
+        vec sin_a, cos_a;
+        sincos_any(fourier_angle(fy, fx, dy, dx, p0, p1, cy, cx), &sin_a, &cos_a);
+        const vec g_cos = LOAD(grad + i * 2 * half + j), g_sin = LOAD(grad + i * 2 * half + half + j);
+        g_ccos += g_cos * cos_a;
+        g_csin += g_sin * sin_a;
+        /* d/da of c_cos cos(a) + c_sin sin(a), with a's own factor pi */
+        const vec g_a = (g_sin * c_sin * cos_a - g_cos * c_cos * sin_a) * 3.14159265358979323846f;
+        g_fy += g_a * dy;
+        g_fx += g_a * dx;
+        g_p0 += g_a * cy;
+        g_p1 += g_a * cx;
+    }
+#undef LOAD
+    const vec outs[4] = {g_ccos, g_csin, g_fy, g_fx};
+    float *dst[4] = {grad_coef + t * 2 * half + j, grad_coef + t * 2 * half + half + j, grad_fy + t * half + j,
+                     grad_fx + t * half + j};
+    for (int o = 0; o < 4; o++)
+        if (full)
+            *(vecu *)dst[o] = outs[o];
+        else
+            memcpy(dst[o], &outs[o], nj * sizeof(float));
+    for (int64_t l = 0; l < nj; l++) { /* the phase weight's gradient sums over every query: in double */
+        grad_phase[j + l] += g_p0[l];
+        grad_phase[half + j + l] += g_p1[l];
+    }
+}
+
+/* The gradients of ciisr_fourier_feature for latents [t0, t1), given grad (m, 2 * half) of
+ * its output and the queries grouped by latent (ciisr_queries_by_latent): grad_coef,
+ * grad_fy, grad_fx get those latents' rows (zeros for a latent no query read), and
+ * grad_phase (2, half) - the phase weight's, transposed - adds these latents' queries'
+ * share. */
+void ciisr_fourier_feature_backward(int64_t t0, int64_t t1, int64_t half, const float *coef, const float *freq_y,
+                                    const float *freq_x, const int64_t *starts, const int64_t *order,
+                                    const float *rel, const float *cell, const float *phase_t, const float *grad,
+                                    float *grad_coef, float *grad_fy, float *grad_fx, double *grad_phase)
+{
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t j = 0;
+        for (; j + VEC <= half; j += VEC)
+            fourier_backward_vector(t, j, VEC, half, coef, freq_y, freq_x, starts, order, rel, cell, phase_t, grad,
+                                    grad_coef, grad_fy, grad_fx, grad_phase);
+        if (j < half)
+            fourier_backward_vector(t, j, half - j, half, coef, freq_y, freq_x, starts, order, rel, cell, phase_t,
+                                    grad, grad_coef, grad_fy, grad_fx, grad_phase);
+    }
+}
+
 #endif /* HAS_MLP_KERNEL */
 
 #if defined(BASIS_K) && HAS_BASIS_KERNEL

@@ -73,11 +73,17 @@ def set_enabled(enabled):
 
 def applies(*tensors):
     """The fused kernels may run on these tensors here: inference on CPU in float32."""
-    if not _ENABLED or torch.is_grad_enabled() or exporting() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled():
         return False
-    if torch.is_autocast_enabled('cpu'):
+    return applies_with_autograd(*tensors) and not any(t.requires_grad for t in tensors)
+
+
+def applies_with_autograd(*tensors):
+    """The ops that carry their own backward (:func:`fourier_feature`) may run on these
+    tensors here: CPU float32, no autocast, not tracing / exporting / compiling."""
+    if not _ENABLED or exporting() or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu'):
         return False
-    return all(t.device.type == 'cpu' and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+    return all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,6 +162,13 @@ def _load(path):
         lib.ciisr_fourier_mlp_decode.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr,
                                                  ptr, i64, ptr]
         lib.ciisr_fourier_mlp_decode.restype = ctypes.c_int
+        lib.ciisr_fourier_feature.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr]
+        lib.ciisr_fourier_feature.restype = ctypes.c_int
+        lib.ciisr_queries_by_latent.argtypes = [i64, ptr, i64, ptr, ptr]
+        lib.ciisr_queries_by_latent.restype = ctypes.c_int
+        lib.ciisr_fourier_feature_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                                       ptr, ptr, ptr]
+        lib.ciisr_fourier_feature_backward.restype = None
     if hasattr(lib, 'ciisr_basis_decode'):
         lib.ciisr_basis_decode.argtypes = [i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         lib.ciisr_basis_decode.restype = ctypes.c_int
@@ -184,25 +197,59 @@ def _self_check(lib):
     out, expected = fourier_case(lib, seed=1)
     if not torch.allclose(out, expected, rtol=1e-4, atol=1e-4):
         raise KernelError('the compiled Fourier-feature kernel disagrees with torch on a test case')
+    for got, want in zip(*fourier_training_case(lib, seed=2)):
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            raise KernelError('the compiled Fourier-feature training op disagrees with torch on a test case')
+
+
+def _fourier_inputs(gen, half, rows, latents=5):
+    """Random Fourier-feature inputs (tables, index, rel, cell, phase_weight): angles in every
+    quadrant and, in the first row, angles beyond the polynomial's range (the libm branch),
+    formed exactly (d = (1, 0), no cell) so that the kernel and torch round the same float
+    angle; latent 0 is read by row 0 alone."""
+    tables = (torch.randn(latents, 2 * half, generator=gen), 20 * torch.randn(latents, half, generator=gen),
+              20 * torch.randn(latents, half, generator=gen))
+    rel, cell = 2 * torch.rand(rows, 2, generator=gen) - 1, torch.rand(rows, 2, generator=gen) / 4
+    phase_weight, index = torch.randn(half, 2, generator=gen), torch.randint(1, latents, (rows, ), generator=gen)
+    tables[1][0, :3] = torch.tensor([9000.5, -2e5, 3e7])
+    index[0], rel[0], cell[0] = 0, torch.tensor([1.0, 0.0]), 0.0
+    return tables, index, rel, cell, phase_weight
+
+
+def reference_fourier_feature(tables, index, rel_coord, rel_cell, phase_weight):
+    """LTE's Fourier feature of ``tables`` read at ``index``, in plain torch (what the kernels
+    form; :func:`.query_decode.fourier_feature` is the decoders' own torch path)."""
+    coef, freq_y, freq_x = (t[index] for t in tables)
+    angle = math.pi * (freq_y * rel_coord[:, :1] + freq_x * rel_coord[:, 1:] + rel_cell @ phase_weight.t())
+    return coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
 
 
 def fourier_case(lib, seed, half=10, rows=31):
-    """(kernel output, torch's) for a random MLP on random Fourier features: by default a
-    partial last vector (half = 10), angles in every quadrant and, in the first row, angles
-    beyond the polynomial's range (the libm branch), formed exactly (d = (1, 0), no cell) so
-    that both sides round the same float angle."""
+    """(kernel output, torch's) for a random MLP on random Fourier features (see
+    :func:`_fourier_inputs`); by default a partial last vector (half = 10)."""
     gen = torch.Generator().manual_seed(seed)
     layers = [(torch.randn(16, 2 * half, generator=gen) / half**0.5, torch.randn(16, generator=gen), True),
               (torch.randn(3, 16, generator=gen) / 4, torch.randn(3, generator=gen), False)]
-    tables = (torch.randn(5, 2 * half, generator=gen), 20 * torch.randn(5, half, generator=gen),
-              20 * torch.randn(5, half, generator=gen))
-    rel, cell = 2 * torch.rand(rows, 2, generator=gen) - 1, torch.rand(rows, 2, generator=gen) / 4
-    phase_weight, index = torch.randn(half, 2, generator=gen), torch.randint(1, 5, (rows, ), generator=gen)
-    tables[1][0, :3] = torch.tensor([9000.5, -2e5, 3e7])  # latent 0: row 0's alone
-    index[0], rel[0], cell[0] = 0, torch.tensor([1.0, 0.0]), 0.0
+    inputs = _fourier_inputs(gen, half, rows)
     kernel = MLPKernel(layers)
-    return (kernel.launch_fourier(lib, tables, index, rel, cell, phase_weight),
-            kernel.reference_fourier(tables, index, rel, cell, phase_weight))
+    return kernel.launch_fourier(lib, *inputs), kernel.reference_fourier(*inputs)
+
+
+def fourier_training_case(lib, seed, half=10, rows=31, latents=5):
+    """``([feature, grad_coef, grad_fy, grad_fx, grad_phase] from the training op,
+    the same from torch's autograd)`` on random inputs (see :func:`_fourier_inputs`) and a
+    random output gradient; one latent that no query reads (its gradient: zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    tables, index, rel, cell, phase_weight = _fourier_inputs(gen, half, rows, latents + 1)
+    index[index == latents] = 1
+    grad = torch.randn(rows, 2 * half, generator=gen)
+    results = []
+    for feature in (lambda t, *args: _FourierFeature.apply(lib, *t, *args), reference_fourier_feature):
+        leaves = [t.clone().requires_grad_() for t in (*tables, phase_weight)]
+        with torch.enable_grad():
+            out = feature(tuple(leaves[:3]), index, rel, cell, leaves[3])
+            results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
+    return results
 
 
 def library(defines=(), check=None):
@@ -245,19 +292,28 @@ def kernels_built():
     return {name for bit, name in ((1, 'mlp'), (2, 'basis')) if flags & bit}
 
 
-def _split_rows(m, run):
-    """``run(start, stop)`` over the rows, on the intra-op threads when there are enough rows
-    (the kernels are single-threaded; inside ``decode_in_order`` there is one thread)."""
+def _parts(m):
+    """Into how many parts ``m`` rows are split across the intra-op threads (the kernels are
+    single-threaded; inside ``decode_in_order`` there is one thread)."""
+    return max(1, min(torch.get_num_threads(), m // _ROWS_PER_THREAD))
+
+
+def _in_parallel(bounds, run):
+    """``[run(bounds[i], bounds[i + 1]) for i]``, the parts on a thread pool when several."""
     global _POOL
-    parts = min(torch.get_num_threads(), m // _ROWS_PER_THREAD)
-    if parts <= 1:
-        return [run(0, m)]
+    if len(bounds) <= 2:
+        return [run(bounds[0], bounds[-1])]
     if _POOL is None:
         with _LOCK:
             if _POOL is None:
                 _POOL = concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix='ciisr-fused')
-    bounds = [m * i // parts for i in range(parts + 1)]
-    return list(_POOL.map(lambda i: run(bounds[i], bounds[i + 1]), range(parts)))
+    return list(_POOL.map(lambda i: run(bounds[i], bounds[i + 1]), range(len(bounds) - 1)))
+
+
+def _split_rows(m, run):
+    """``run(start, stop)`` over the rows, on the intra-op threads when there are enough rows."""
+    parts = _parts(m)
+    return _in_parallel([m * i // parts for i in range(parts + 1)], run)
 
 
 def _check_shapes(what, ok, **tensors):
@@ -335,9 +391,7 @@ class MLPKernel:
 
     def reference_fourier(self, tables, index, rel_coord, rel_cell, phase_weight):
         """What :meth:`fourier` computes, in plain torch."""
-        coef, freq_y, freq_x = (t[index] for t in tables)
-        angle = math.pi * (freq_y * rel_coord[:, :1] + freq_x * rel_coord[:, 1:] + rel_cell @ phase_weight.t())
-        return self._layers_reference(coef * torch.cat([torch.cos(angle), torch.sin(angle)], dim=1))
+        return self._layers_reference(reference_fourier_feature(tables, index, rel_coord, rel_cell, phase_weight))
 
     def _layers_reference(self, h):
         """The packed layers on ``h``, in plain torch."""
@@ -510,3 +564,80 @@ class BasisKernel:
 
         _check(_split_rows(m, run), 'basis_decode')
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+class _FourierFeature(torch.autograd.Function):
+    """LTE's Fourier feature with forward and backward in ``fused_cpu.c`` (see
+    :func:`fourier_feature`)."""
+
+    @staticmethod
+    def forward(ctx, lib, coef, freq_y, freq_x, index, rel_coord, rel_cell, phase_weight):
+        coef, freq_y, freq_x, index = (t.contiguous() for t in (coef, freq_y, freq_x, index))
+        rel_coord, rel_cell = rel_coord.contiguous(), rel_cell.contiguous()
+        phase_t = phase_weight.detach().t().contiguous()
+        n, half, m = freq_y.shape[0], freq_y.shape[1], index.shape[0]
+        _check_shapes('fourier_feature', coef.shape == (n, 2 * half) and freq_x.shape == (n, half)
+                      and phase_t.shape == (2, half) and index.shape == (m, ) and index.dtype == torch.int64
+                      and rel_coord.shape == (m, 2) and rel_cell.shape == (m, 2), coefficient=coef,
+                      frequency_y=freq_y, frequency_x=freq_x, index=index, rel_coord=rel_coord, rel_cell=rel_cell,
+                      phase_weight=phase_weight)
+        out = torch.empty(m, 2 * half)
+
+        def run(a, b):
+            return lib.ciisr_fourier_feature(b - a, half, coef.data_ptr(), freq_y.data_ptr(), freq_x.data_ptr(), n,
+                                             index[a:].data_ptr(), rel_coord[a:].data_ptr(), rel_cell[a:].data_ptr(),
+                                             phase_t.data_ptr(), out[a:].data_ptr())
+
+        _check(_split_rows(m, run), 'fourier_feature')
+        ctx.lib = lib
+        ctx.save_for_backward(coef, freq_y, freq_x, index, rel_coord, rel_cell, phase_weight)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        coef, freq_y, freq_x, index, rel_coord, rel_cell, phase_weight = ctx.saved_tensors
+        lib, grad = ctx.lib, grad.float().contiguous()
+        n, half, m = freq_y.shape[0], freq_y.shape[1], index.shape[0]
+        phase_t = phase_weight.detach().t().contiguous()
+        starts, order = torch.empty(n + 1, dtype=torch.int64), torch.empty(m, dtype=torch.int64)
+        _check([lib.ciisr_queries_by_latent(m, index.data_ptr(), n, starts.data_ptr(), order.data_ptr())],
+               'fourier_feature')
+        grad_coef, grad_fy, grad_fx = torch.empty(n, 2 * half), torch.empty(n, half), torch.empty(n, half)
+        # threads take runs of latents holding about equal numbers of queries
+        parts = _parts(m)
+        cuts = torch.searchsorted(starts, torch.arange(1, parts) * m // parts).tolist()
+        bounds = sorted({0, n, *cuts})
+
+        def run(t0, t1):  # -> this part's share of the phase weight's gradient
+            grad_phase = torch.zeros(2, half, dtype=torch.float64)
+            lib.ciisr_fourier_feature_backward(t0, t1, half, coef.data_ptr(), freq_y.data_ptr(), freq_x.data_ptr(),
+                                               starts.data_ptr(), order.data_ptr(), rel_coord.data_ptr(),
+                                               rel_cell.data_ptr(), phase_t.data_ptr(), grad.data_ptr(),
+                                               grad_coef.data_ptr(), grad_fy.data_ptr(), grad_fx.data_ptr(),
+                                               grad_phase.data_ptr())
+            return grad_phase
+
+        grad_phase = sum(_in_parallel(bounds, run))
+        needs = ctx.needs_input_grad
+        return (None, grad_coef if needs[1] else None, grad_fy if needs[2] else None, grad_fx if needs[3] else None,
+                None, None, None, grad_phase.t().float() if needs[7] else None)
+
+
+def fourier_feature(tables, index, rel_coord, rel_cell, phase_weight):
+    """(M, 2H) LTE's Fourier feature ``c * [cos(pi a), sin(pi a)]``, ``a = f_y d_y + f_x d_x +
+    rel_cell @ phase_weight.T``, of ``tables`` = (c (N, 2H), f_y (N, H), f_x (N, H)) read at
+    ``index`` (M,), differentiable in the tables and ``phase_weight`` (H, 2) (the query inputs
+    ``rel_coord``, ``rel_cell`` (M, 2) are data: they must not need a gradient). None where the
+    kernels are not available. The backward groups the queries by latent, so each latent's
+    gradient is a sum made in one place (no scatter-add).
+
+    Values: within a few float ulps of the torch formula; gradients agree to float rounding."""
+    if rel_coord.requires_grad or rel_cell.requires_grad:
+        return None
+    lib = library()
+    if lib is None or not hasattr(lib, 'ciisr_fourier_feature'):
+        return None
+    return _FourierFeature.apply(lib, *tables, index, rel_coord, rel_cell, phase_weight)

@@ -129,14 +129,20 @@ def fourier_mlp_decode(tables, index, rel_coord, rel_cell, phase_weight, layers,
 
     On CPU inference the fused kernel forms the feature per row (vectorised sin / cos, within a
     few float ulps of torch's) and runs the MLP on it, so neither the (M, 3H) gathers nor the
-    (M, 2H) feature are written out; ``owner`` as in :func:`mlp_decode`."""
+    (M, 2H) feature are written out; ``owner`` as in :func:`mlp_decode`. On CPU training the
+    feature alone is one fused op with its own backward (:func:`fused_cpu.fourier_feature`),
+    the MLP the usual layers."""
     if owner is not None and fused_cpu.applies(*tables, rel_coord, rel_cell):
         out = mlp_kernel(owner, layers).fourier(tables, index, rel_coord, rel_cell, phase_weight)
         if out is not None:
             return out
-    rows = tuple(t.index_select(0, index) for t in tables)
-    return mlp_decode(fourier_feature(rows, rel_coord, rel_cell, phase_weight), None, None, None, layers,
-                      first_relu=False)
+    feature = None
+    if torch.is_grad_enabled() and fused_cpu.applies_with_autograd(*tables, rel_coord, rel_cell, phase_weight):
+        feature = fused_cpu.fourier_feature(tables, index, rel_coord, rel_cell, phase_weight)
+    if feature is None:
+        rows = tuple(t.index_select(0, index) for t in tables)
+        feature = fourier_feature(rows, rel_coord, rel_cell, phase_weight)
+    return mlp_decode(feature, None, None, None, layers, first_relu=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -183,6 +183,47 @@ def test_fourier_kernel_matches_torch(seed, half):
 
 
 @needs_mlp_kernel
+@pytest.mark.parametrize('seed, half, rows', [(0, 10, 31), (1, 128, 300), (2, 3, 100)])
+def test_fourier_training_op_matches_torch_autograd(seed, half, rows):
+    # LTE's feature in training: the op's own backward (queries grouped by latent, one latent
+    # read by none) against torch's autograd of the formula, libm branch included
+    got, want = fused_cpu.fourier_training_case(fused_cpu.library(), seed, half=half, rows=rows)
+    for name, x, y in zip(['feature', 'coef', 'freq_y', 'freq_x', 'phase'], got, want):
+        assert y.abs().max() > 1, name  # a real gradient
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * y.abs().max().item(), msg=name)
+    assert (got[1][-1] == 0).all() and (want[1][-1] == 0).all()  # the latent nobody read
+
+
+@needs_mlp_kernel
+def test_fourier_training_op_gives_the_same_table_gradients_on_any_thread_count(monkeypatch):
+    # each latent's gradient is summed in one place in query order: bit-identical whatever the split
+    monkeypatch.setattr(fused_cpu, '_ROWS_PER_THREAD', 64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(fused_cpu.fourier_training_case(fused_cpu.library(), 3, half=20, rows=1000,
+                                                           latents=40)[0])
+    finally:
+        torch.set_num_threads(threads)
+    one, two = results
+    for x, y in zip(one[:4], two[:4]):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(one[4], two[4], rtol=1e-6, atol=0)  # the phase: per-thread partial sums
+
+
+@needs_mlp_kernel
+def test_fourier_training_op_refuses_bad_indices_and_differentiable_queries():
+    tables = (torch.randn(4, 6), torch.randn(4, 3), torch.randn(4, 3))
+    rel, cell, phase_weight = torch.zeros(2, 2), torch.zeros(2, 2), torch.randn(3, 2)
+    with pytest.raises(IndexError, match='outside the latent table'):
+        fused_cpu.fourier_feature(tables, torch.tensor([0, 4]), rel, cell, phase_weight)
+    # a gradient wanted for the query inputs: not this op's (the torch path gives it)
+    assert fused_cpu.fourier_feature(tables, torch.tensor([0, 1]), rel.requires_grad_(), cell, phase_weight) is None
+
+
+@needs_mlp_kernel
 def test_rows_split_across_threads_match(monkeypatch):
     monkeypatch.setattr(fused_cpu, '_ROWS_PER_THREAD', 64)
     layers, inputs = _mlp_case((64, 32, 3), 4, 1001, seed=3)
@@ -283,6 +324,35 @@ def test_fused_inference_matches_the_torch_path(name, monkeypatch):
     plain = upscale_tiled(net, lq, (29, 41), chunk_size=100)
     assert plain.std() > 0.02  # a real comparison, not of two near-constant images
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['lte', 'lte-plus-odd'])
+def test_lte_training_gradients_match_the_torch_path(name, monkeypatch):
+    # the training forward / backward of LTE's feature on its own op, wherever the kernels build
+    net = _net(name).train()
+    gen = torch.Generator().manual_seed(4)
+    lq, coord = torch.rand(2, 3, 11, 9, generator=gen), torch.rand(2, 300, 2, generator=gen) * 2 - 1
+    cell, target = torch.full((2, 300, 2), 2 / 31.), torch.rand(2, 300, 3, generator=gen)
+    ran = []
+    fused = fused_cpu.fourier_feature
+    monkeypatch.setattr(fused_cpu, 'fourier_feature', lambda *a: ran.append(fused(*a)) or ran[-1])
+
+    def step():
+        net.zero_grad()
+        loss = (net(lq, coord, cell) - target).abs().mean()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in net.named_parameters()}
+
+    loss, grads = step()
+    assert (len(ran) > 0 and all(out is not None for out in ran)) == ('mlp' in _built())
+    fused_cpu.set_enabled(False)
+    ran.clear()
+    plain_loss, plain_grads = step()
+    assert not ran
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+    for key, grad in plain_grads.items():
+        assert grad.abs().max() > 0, key
+        torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=key)
 
 
 def test_arbitrary_queries_use_the_kernels_too(monkeypatch):
