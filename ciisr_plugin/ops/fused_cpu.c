@@ -1,4 +1,5 @@
-/* Fused float32 CPU kernels for the implicit decoders' inference (see fused_cpu.py).
+/* Fused float32 CPU kernels for the implicit decoders (see fused_cpu.py): inference, and LTE's
+ * feature in training.
  *
  * Compiled at first use for the machine it runs on (-march=native), loaded with ctypes.
  * Every kernel reads the latent-grid row table through the query's index itself, so the
@@ -13,6 +14,8 @@
  * ciisr_fourier_mlp_decode: the same MLP on LTE's Fourier feature, which it forms per row
  *   from the coefficient and frequency tables (vectorised sin / cos), so the (M, 256)
  *   feature is never written out either.
+ * ciisr_fourier_feature (+ _backward): LTE's Fourier feature alone, for training, with its
+ *   gradients gathered per latent (ciisr_queries_by_latent) instead of scattered per query.
  * ciisr_basis_decode: A-LIIF's basis MLPs, mixed per query by coefficients, from the
  *   table of all bases' first-layer latent parts to the output. Every activation stays in
  *   registers or L1; the layer dimensions are compile-time constants (BASIS_* below,

@@ -21,9 +21,10 @@ says so once and the ops of :mod:`.query_decode` run their plain torch path - th
 numbers (to float rounding, ~1e-7 relative), slower. Archs never call these kernels directly:
 they call :mod:`.query_decode`, which picks.
 
-Only inference uses them: float32 on CPU, autograd off, not tracing / exporting /
-compiling, no autocast. ``CIISR_FUSED_CPU=off`` (or :func:`set_enabled`) turns them off,
-e.g. to compare.
+The decoders use them in inference: float32 on CPU, autograd off, not tracing / exporting /
+compiling, no autocast. Training uses one, :func:`fourier_feature` (LTE's feature with its
+own backward), under the same conditions with autograd on. ``CIISR_FUSED_CPU=off`` (or
+:func:`set_enabled`) turns them all off, e.g. to compare.
 """
 import concurrent.futures
 import ctypes
