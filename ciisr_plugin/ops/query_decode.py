@@ -13,8 +13,9 @@ only the rest runs. These ops are that rest:
 Each op owns both of its implementations: on CPU float32 inference the fused kernel of
 :mod:`.fused_cpu` (packed once per owning module and parameter version, cached beside it);
 everywhere else - autograd, autocast, GPUs, tracing / export, a CPU where the kernel did not
-build - plain torch ops, the same numbers to float rounding. An arch calls the op and never
-asks which one ran.
+build - plain torch ops, the same numbers to float rounding (in CPU float32 training, LTE's
+Fourier feature is a fused op with its own backward). An arch calls the op and never asks
+which one ran.
 """
 import math
 
