@@ -376,6 +376,20 @@ static inline __attribute__((always_inline)) vec fourier_angle(const vec fy, con
     return (fy * dy + fx * dx + (p0 * cy + p1 * cx)) * 3.14159265358979323846f;
 }
 
+/* n < VEC floats from p, zero-padded to a vector (the partial last vector of a row) */
+static inline vec load_part(const float *p, const int64_t n)
+{
+    vec v = {0};
+    memcpy(&v, p, n * sizeof(float));
+    return v;
+}
+
+/* all ones in the lanes whose angle is beyond sincos_vec's range, or NaN */
+static inline __attribute__((always_inline)) veci beyond_sincos_range(const vec a)
+{
+    return ~((vec)((veci)a & ((veci){0} + 0x7fffffff)) < SINCOS_LIMIT);
+}
+
 /* LTE's Fourier feature for one query into o (2 * half floats): with the latent's
  * coefficient c (2 * half), frequencies fy, fx (half each), the relative coordinate (dy, dx)
  * and the phase weight's columns p0, p1 (half each) applied to the relative cell (cy, cx),
@@ -384,31 +398,27 @@ static inline void fourier_row(const int64_t half, const float *restrict c, cons
                                const float *restrict fx, const float dy, const float dx, const float *restrict p0,
                                const float *restrict p1, const float cy, const float cx, float *restrict o)
 {
-    const veci magnitude = (veci){0} + 0x7fffffff;
     veci large = {0}; /* lanes whose angle is beyond SINCOS_LIMIT, or NaN */
     vec a, sin_a, cos_a;
     int64_t j = 0;
     for (; j + VEC <= half; j += VEC) {
         a = fourier_angle(*(const vecu *)(fy + j), *(const vecu *)(fx + j), dy, dx, *(const vecu *)(p0 + j),
                           *(const vecu *)(p1 + j), cy, cx);
-        large |= ~((vec)((veci)a & magnitude) < SINCOS_LIMIT);
+        large |= beyond_sincos_range(a);
         sincos_vec(a, &sin_a, &cos_a);
         *(vecu *)(o + j) = *(const vecu *)(c + j) * cos_a;
         *(vecu *)(o + half + j) = *(const vecu *)(c + half + j) * sin_a;
     }
     if (j < half) { /* a partial last vector, through zero-padded copies */
-        const size_t bytes = (half - j) * sizeof(float);
-        vec v[6] = {{0}};
-        const float *src[6] = {c + j, c + half + j, fy + j, fx + j, p0 + j, p1 + j};
-        for (int i = 0; i < 6; i++)
-            memcpy(&v[i], src[i], bytes);
-        a = fourier_angle(v[2], v[3], dy, dx, v[4], v[5], cy, cx);
-        large |= ~((vec)((veci)a & magnitude) < SINCOS_LIMIT);
+        const int64_t n = half - j;
+        a = fourier_angle(load_part(fy + j, n), load_part(fx + j, n), dy, dx, load_part(p0 + j, n),
+                          load_part(p1 + j, n), cy, cx);
+        large |= beyond_sincos_range(a);
         sincos_vec(a, &sin_a, &cos_a);
-        cos_a *= v[0];
-        sin_a *= v[1];
-        memcpy(o + j, &cos_a, bytes);
-        memcpy(o + half + j, &sin_a, bytes);
+        cos_a *= load_part(c + j, n);
+        sin_a *= load_part(c + half + j, n);
+        memcpy(o + j, &cos_a, n * sizeof(float));
+        memcpy(o + half + j, &sin_a, n * sizeof(float));
     }
     int any = 0;
     for (int l = 0; l < VEC; l++)
@@ -416,11 +426,8 @@ static inline void fourier_row(const int64_t half, const float *restrict c, cons
     if (__builtin_expect(any, 0)) /* the whole row again, on libm, from the same float angles */
         for (j = 0; j < half; j += VEC) {
             const int64_t n = half - j < VEC ? half - j : VEC;
-            vec v[4] = {{0}};
-            const float *src[4] = {fy + j, fx + j, p0 + j, p1 + j};
-            for (int i = 0; i < 4; i++)
-                memcpy(&v[i], src[i], n * sizeof(float));
-            a = fourier_angle(v[0], v[1], dy, dx, v[2], v[3], cy, cx);
+            a = fourier_angle(load_part(fy + j, n), load_part(fx + j, n), dy, dx, load_part(p0 + j, n),
+                              load_part(p1 + j, n), cy, cx);
             for (int64_t l = 0; l < n; l++) {
                 o[j + l] = c[j + l] * cosf(a[l]);
                 o[half + j + l] = c[half + j + l] * sinf(a[l]);
@@ -502,7 +509,7 @@ int ciisr_queries_by_latent(int64_t m, const int64_t *idx, int64_t n, int64_t *s
 static inline __attribute__((always_inline)) void sincos_any(const vec a, vec *restrict sin_a, vec *restrict cos_a)
 {
     sincos_vec(a, sin_a, cos_a);
-    const veci large = ~((vec)((veci)a & ((veci){0} + 0x7fffffff)) < SINCOS_LIMIT);
+    const veci large = beyond_sincos_range(a);
     int any = 0;
     for (int l = 0; l < VEC; l++)
         any |= large[l];
@@ -512,13 +519,6 @@ static inline __attribute__((always_inline)) void sincos_any(const vec a, vec *r
                 (*sin_a)[l] = sinf(a[l]);
                 (*cos_a)[l] = cosf(a[l]);
             }
-}
-
-static inline vec load_part(const float *p, const int64_t n)
-{
-    vec v = {0};
-    memcpy(&v, p, n * sizeof(float));
-    return v;
 }
 
 /* One vector of channels [j, j + nj) of latent t's gradients, from its queries' rows of grad
