@@ -110,3 +110,30 @@ def test_disabled_falls_back_to_f_linear(monkeypatch):
     cpu_linear.set_enabled(True)
     cpu_linear.linear(x, w, b)
     assert calls
+
+
+@pytest.mark.parametrize('rows', [1, 63, 64, 640, 1000])
+def test_weight_gradient_is_the_transposed_product(rows):
+    # below one line of the convolution's image, a whole number of lines, and a remainder
+    gen = torch.Generator().manual_seed(rows)
+    grad_out, x = torch.randn(rows, 24, generator=gen), torch.randn(rows, 40, generator=gen)
+    out = cpu_linear.weight_gradient(grad_out, x)
+    assert out.shape == (24, 40) and out.is_contiguous()
+    # within float32's bound for summing `rows` products in any order (rows * eps * sum |terms|);
+    # a lost or misplaced row is off by a whole product
+    err = (out.double() - grad_out.double().t() @ x.double()).abs()
+    assert (err <= rows * 2**-24 * (grad_out.abs().double().t() @ x.abs().double())).all()
+
+
+def test_layer_weight_gradient_takes_weight_gradient(monkeypatch):
+    calls = []
+
+    def spy(grad_out, x):
+        calls.append(grad_out.shape)
+        return grad_out.t().mm(x)
+
+    monkeypatch.setattr(cpu_linear, 'weight_gradient', spy)
+    x, w, b = _case(m=200, k=16, n=8)
+    w.requires_grad_()
+    cpu_linear.linear(x, w, b, relu=True).sum().backward()
+    assert calls == [(200, 8)]
