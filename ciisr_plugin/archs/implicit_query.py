@@ -20,10 +20,10 @@ per-query MLP, without ever materialising the 3x3-unfolded feature map.
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from basicsr.archs import build_network
+from ..ops.cpu_conv import conv2d, use_summed_bias_gradient
 from ..ops.cpu_features import channels_last_pays
 from ..ops.cpu_linear import exporting
 # the geometry's public names are also importable from here, where they lived before
@@ -104,7 +104,7 @@ def split_first_linear(weight, in_channels, unfold):
 
 def latent_conv(feat, weight, bias, unfold):
     """The latent part of a first Linear, applied to the whole LR grid at once."""
-    return F.conv2d(feat, weight, bias, padding=1 if unfold else 0)
+    return conv2d(feat, weight, bias, padding=1 if unfold else 0)
 
 
 def build_encoder(encoder_opt):
@@ -113,7 +113,7 @@ def build_encoder(encoder_opt):
     if not hasattr(encoder, 'out_channels'):
         raise ValueError(f"encoder type '{encoder_opt.get('type')}' has no 'out_channels'; LIIF-style models need "
                          'an encoder without upsampling tail (e.g. EDSREncoder, RDNEncoder, BasicSREncoder)')
-    return encoder
+    return use_summed_bias_gradient(encoder)
 
 
 

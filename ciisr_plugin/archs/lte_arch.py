@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from basicsr.utils.registry import ARCH_REGISTRY
+from ..ops.cpu_conv import Conv2d
 from ..ops.query_decode import dense_layers, fourier_feature, fourier_mlp_decode
 from .geometry import LatentWindow, lookup_latents, make_coord
 from .implicit_query import ImplicitDecoder, ImplicitSRNet, Prepared, decode_lookup, grid_to_rows
@@ -52,8 +53,8 @@ class LocalTextureEstimator(nn.Module):
             raise ValueError(f'LTE: hidden_dim must be even (cos and sin halves), got {hidden_dim}')
         self.hidden_dim = hidden_dim
         self.pairing = pairing
-        self.coef = nn.Conv2d(latent_channels, hidden_dim, 3, padding=1)
-        self.freq = nn.Conv2d(latent_channels, hidden_dim, 3, padding=1)
+        self.coef = Conv2d(latent_channels, hidden_dim, 3, padding=1)
+        self.freq = Conv2d(latent_channels, hidden_dim, 3, padding=1)
         self.phase = nn.Linear(2, hidden_dim // 2, bias=False)
 
     def row_tables(self, feat):
