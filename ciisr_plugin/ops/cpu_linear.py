@@ -105,7 +105,7 @@ def weight_gradient(grad_out, x):
     full = lines * width
 
     def image(rows):
-        return rows[:full].view(1, lines, width, rows.shape[1]).permute(0, 3, 1, 2)
+        return rows[:full].contiguous().view(1, lines, width, rows.shape[1]).permute(0, 3, 1, 2)
 
     kernel = x.new_empty(grad_out.shape[1], x.shape[1], 1, 1)  # only its shape is read
     grad_w = torch.ops.aten.convolution_backward(image(grad_out), image(x), kernel, None, [1, 1], [0, 0], [1, 1],
