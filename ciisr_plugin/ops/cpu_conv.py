@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .cpu_linear import exporting
+from .cpu_linear import eager_cpu_float32
 
 
 class _SummedBiasConv(torch.autograd.Function):
@@ -46,11 +46,9 @@ class _SummedBiasConv(torch.autograd.Function):
 
 
 def _summed_bias_pays(x, weight, bias, padding):
-    return (bias is not None and torch.is_grad_enabled() and x.device.type == 'cpu' and x.dim() == 4
-            and x.dtype == weight.dtype == bias.dtype == torch.float32 and not isinstance(padding, str)
+    return (bias is not None and torch.is_grad_enabled() and x.dim() == 4 and not isinstance(padding, str)
             and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-            and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled('cpu')
-            and not exporting() and not torch.compiler.is_compiling())
+            and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu_float32(x, weight, bias))
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):

@@ -55,6 +55,14 @@ def exporting():
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
 
 
+def eager_cpu_float32(*tensors):
+    """All ``tensors`` are CPU float32 and ops run eagerly as written: no autocast, not tracing /
+    exporting / compiling. Where the CPU ops with their own backward may replace torch's."""
+    if exporting() or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu'):
+        return False
+    return all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)
+
+
 def _compute_dtype(x, weight):
     """The dtype oneDNN should compute in here, or None to use ``F.linear``."""
     if not (_ENABLED and x.device.type == 'cpu' and weight.dtype == torch.float32):

@@ -43,7 +43,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .cpu_linear import exporting
+from .cpu_linear import eager_cpu_float32
 
 logger = logging.getLogger('ciisr')
 
@@ -82,9 +82,7 @@ def applies(*tensors):
 def applies_with_autograd(*tensors):
     """The ops that carry their own backward (:func:`fourier_feature`) may run on these
     tensors here: CPU float32, no autocast, not tracing / exporting / compiling."""
-    if not _ENABLED or exporting() or torch.compiler.is_compiling() or torch.is_autocast_enabled('cpu'):
-        return False
-    return all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)
+    return _ENABLED and eager_cpu_float32(*tensors)
 
 
 # ----------------------------------------------------------------------------------------------
