@@ -83,6 +83,10 @@ CASES = [
          photo=('chelsea', 20, 60, 180, 200), in_hw=(18, 20), out_hw=(36, 70)),
     dict(file='lte_edsr_baseline_x6.pt', seed=108, spec=_lte(EDSR_SMALL),
          photo=('astronaut', 0, 120, 320, 320), in_hw=(40, 40), out_hw=(240, 240)),
+    # RDNkSize sizes only RDN's shallow and global-fusion convs: its dense layers stay 3x3
+    dict(file='metasr_rdn_k5_x2.8.pt', seed=109,
+         spec=_metasr({'name': 'rdn', 'args': {'no_upsampling': True, 'G0': 8, 'RDNkSize': 5, 'RDNconfig': 'A'}}),
+         photo=('rocket', 60, 120, 220, 260), in_hw=(14, 17), out_hw=(39, 48), float16=True),
 ]
 
 

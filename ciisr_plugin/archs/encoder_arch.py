@@ -85,10 +85,11 @@ class _DenseLayer(nn.Module):
 
 
 class _ResidualDenseBlock(nn.Module):
-    def __init__(self, num_feat, growth, num_layers, kernel_size):
+    def __init__(self, num_feat, growth, num_layers):
         super().__init__()
-        self.layers = nn.Sequential(
-            *[_DenseLayer(num_feat + i * growth, growth, kernel_size) for i in range(num_layers)])
+        # 3x3 whatever the encoder's kernel_size: the reference RDN code builds its dense
+        # layers without passing its kSize on (only the shallow and global-fusion convs use it)
+        self.layers = nn.Sequential(*[_DenseLayer(num_feat + i * growth, growth, 3) for i in range(num_layers)])
         self.fuse = nn.Conv2d(num_feat + num_layers * growth, num_feat, 1)  # local feature fusion
 
     def forward(self, x):
@@ -100,7 +101,9 @@ class RDNEncoder(nn.Module):
     """Residual Dense Network (Zhang et al., CVPR'18) without upsampler, as used by LIIF.
 
     ``config``: 'A' = 20 blocks x 6 layers x growth 32, 'B' = 16 x 8 x 64 (LIIF's choice).
-    The mid-layer feature is the output of dense block ``mid_layer``.
+    ``kernel_size`` (the authors' ``RDNkSize``) sizes the shallow and global-fusion convs;
+    the dense layers are 3x3 (as in the reference code). The mid-layer feature is the output
+    of dense block ``mid_layer``.
     """
     CONFIGS = {'A': (20, 6, 32), 'B': (16, 8, 64)}
 
@@ -115,7 +118,7 @@ class RDNEncoder(nn.Module):
         self.conv_shallow1 = nn.Conv2d(num_in_ch, num_feat, kernel_size, padding=pad)
         self.conv_shallow2 = nn.Conv2d(num_feat, num_feat, kernel_size, padding=pad)
         self.blocks = nn.ModuleList(
-            [_ResidualDenseBlock(num_feat, growth, num_layers, kernel_size) for _ in range(num_blocks)])
+            [_ResidualDenseBlock(num_feat, growth, num_layers) for _ in range(num_blocks)])
         # global feature fusion: 1x1 over all block outputs, then a 3x3
         self.fuse_global = nn.Conv2d(num_blocks * num_feat, num_feat, 1)
         self.conv_after_fuse = nn.Conv2d(num_feat, num_feat, kernel_size, padding=pad)
