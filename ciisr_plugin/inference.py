@@ -424,7 +424,7 @@ def _render(net, lq, grid, content_hw, tile, chunk_size, halo, sink, workers, co
                 cx0, cx1 = max(0, x0 - halo), min(w, x1 + halo)
                 feat = net.encode(lq[:, :, cy0:cy1, cx0:cx1])
                 window = LatentWindow((cy1 - cy0, cx1 - cx0), (cy0, cx0), (h, w))
-                prepared = net.prepare_window(feat, window)
+                prepared = net.prepare_window(feat, window, lq)
                 del feat
 
             # decode blocks of about chunk_size queries: whole rows of the tile when they fit

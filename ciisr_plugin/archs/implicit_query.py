@@ -194,9 +194,10 @@ class ImplicitSRNet(nn.Module):
         """The latent grid ``feat`` -> :class:`Prepared` (row tables, ``feat``'s ``(h, w)``)."""
         raise NotImplementedError(f'{type(self).__name__} must implement prepare()')
 
-    def prepare_window(self, feat, window):
+    def prepare_window(self, feat, window, lq=None):
         """``prepare`` for the latents of one tile, ``window`` (a :class:`LatentWindow`) of the
-        full grid, so that queries read global coordinates against it."""
+        full grid, so that queries read global coordinates against it. ``lq``: the whole input
+        the tile was cut from, for archs that sample the input itself (LTE's skip)."""
         prepared = self.prepare(feat)
         if not isinstance(prepared, Prepared) or tuple(prepared.grid) != tuple(window):
             raise TypeError(f'{type(self).__name__}.prepare() must return Prepared(rows, grid) with the grid '

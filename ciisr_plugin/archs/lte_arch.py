@@ -156,9 +156,18 @@ class LTE(ImplicitSRNet, ImplicitDecoder):
     def decode_prepared(self, prepared, lookup):
         return decode_lookup(self, prepared.rows[0], lookup, prepared.grid, cell_decode=True)
 
+    def prepare_window(self, encoded, window, lq=None):
+        prepared = super().prepare_window(encoded, window, lq)
+        if lq is None:
+            return prepared
+        # the skip samples the whole input at the queries' own coordinates, as without tiles:
+        # moved into a crop's frame, a coordinate is rounded again (~1e-5 px on a 1000 px image)
+        return prepared._replace(rows=(prepared.rows[0], self.encoder_input(lq)))
+
     def _skip(self, prepared, coord):
-        grid = prepared.grid
-        return bilinear_skip(prepared.rows[1], coord, grid if isinstance(grid, LatentWindow) else None)
+        grid, image = prepared.grid, prepared.rows[1]
+        cropped = isinstance(grid, LatentWindow) and tuple(image.shape[-2:]) != grid.full_hw
+        return bilinear_skip(image, coord, grid if cropped else None)
 
     # LTE measures relative coordinates from the input's pixel centres, LTE+ from the latents'
     # (the same grid, unless the encoder pads: the authors' SwinIR)
