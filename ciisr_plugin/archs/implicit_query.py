@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from basicsr.archs import build_network
-from ..ops.cpu_conv import conv2d, use_summed_bias_gradient
+from ..ops.cpu_conv import conv2d, use_cpu_training_conv
 from ..ops.cpu_features import channels_last_pays
 from ..ops.cpu_linear import exporting
 # the geometry's public names are also importable from here, where they lived before
@@ -113,7 +113,7 @@ def build_encoder(encoder_opt):
     if not hasattr(encoder, 'out_channels'):
         raise ValueError(f"encoder type '{encoder_opt.get('type')}' has no 'out_channels'; LIIF-style models need "
                          'an encoder without upsampling tail (e.g. EDSREncoder, RDNEncoder, BasicSREncoder)')
-    return use_summed_bias_gradient(encoder)
+    return use_cpu_training_conv(encoder)
 
 
 

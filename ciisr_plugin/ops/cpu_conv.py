@@ -1,22 +1,31 @@
-"""Convolutions in channels-last CPU training, with the bias gradient summed by torch.
+"""Convolutions for CPU training: Winograd's algorithm for 3x3 ones, and oneDNN's kernels with
+the bias gradient summed by torch for the rest in channels-last.
 
-Asked for the bias gradient too, oneDNN's channels-last backward-weights kernel is ~2.2 ms
-slower per convolution of an EDSR-baseline training step (batch 16 of 48 px, 64 -> 64, 3x3,
-2 cores of an AVX-512 EPYC: 12.3 vs 10.1 ms), while the same sum as a torch reduction over the
-gradient takes ~0.1 ms; an EDSR-baseline encoder has 34 such convolutions. (In NCHW the
-difference was not measurable, so only channels-last inputs, i.e. training on AVX-512 CPUs,
-take this route; see :func:`~ciisr_plugin.ops.cpu_features.channels_last_pays`.)
+* 3x3, stride 1, zero padding 1 (every convolution of an EDSR / RDN body, LTE's estimator,
+  LIIF's latent convolution), CPU float32 with autograd on, channels in whole vectors:
+  forward and both gradients by Winograd's F(4x4, 3x3) (``fused_cpu``'s kernels: a quarter
+  of the multiplications; 64 -> 64 on 16 x 48 x 48, 2 cores, forward + backward: ~1.5x
+  oneDNN on an AVX-512 EPYC, ~2x held to AVX2, where oneDNN's direct convolution already
+  runs at the FMA peak). Its rounding is a few times a direct convolution's (relative ~1e-5
+  of the output's scale instead of ~1e-6): fine for training, so inference (no autograd)
+  keeps the direct convolutions whose outputs match the authors' code to ~1e-7.
+* Otherwise, channels-last: asked for the bias gradient too, oneDNN's channels-last
+  backward-weights kernel is ~2.2 ms slower per convolution of an EDSR-baseline training
+  step (batch 16 of 48 px, 64 -> 64, 3x3, 2 cores of an AVX-512 EPYC: 12.3 vs 10.1 ms), while
+  the same sum as a torch reduction over the gradient takes ~0.1 ms. (In NCHW the difference
+  was not measurable.)
 
 The encoders' plain ``nn.Conv2d`` modules are switched to :class:`Conv2d` when they are built
-(:func:`use_summed_bias_gradient`: same parameters, same state dict), and the decoders' latent
-convolutions call :func:`conv2d`. The numbers are the same: the input and weight gradients come
-from the same kernel, the bias gradient is the same sum in another order (equal to float rounding).
+(:func:`use_cpu_training_conv`: same parameters, same state dict), and the decoders' latent
+convolutions call :func:`conv2d`. ``CIISR_FUSED_CPU=off`` turns the Winograd route off with
+the other compiled kernels.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from . import fused_cpu
 from .cpu_linear import eager_cpu_float32
 
 
@@ -52,10 +61,15 @@ def _summed_bias_pays(x, weight, bias, padding):
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``F.conv2d``; on channels-last CPU float32 inputs with autograd on, through
+    """``F.conv2d``; in CPU float32 training, 3x3 convolutions by Winograd's algorithm where
+    :func:`~.fused_cpu.winograd_applies`, other channels-last ones through
     :class:`_SummedBiasConv`."""
-    if _summed_bias_pays(x, weight, bias, padding):
-        return _SummedBiasConv.apply(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
+    if not isinstance(padding, str):
+        geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
+        if fused_cpu.winograd_applies(x, weight, bias, *geometry):
+            return fused_cpu.winograd_conv2d(x, weight, bias)
+        if _summed_bias_pays(x, weight, bias, padding):
+            return _SummedBiasConv.apply(x, weight, bias, *geometry)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -68,7 +82,7 @@ class Conv2d(nn.Conv2d):
         return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def use_summed_bias_gradient(module):
+def use_cpu_training_conv(module):
     """Switch every plain ``nn.Conv2d`` in ``module`` (not subclasses: they may have their own
     forward) to :class:`Conv2d`, in place; returns ``module``."""
     for child in module.modules():

@@ -2,6 +2,7 @@
 which memory layout its convolutions run faster in."""
 import torch
 
+from . import fused_cpu
 from .cpu_linear import onednn_runs
 
 CPUINFO = '/proc/cpuinfo'
@@ -40,19 +41,20 @@ def channels_last_pays(training):
     """Whether the encoder should run channels-last on this CPU (oneDNN's NHWC convolutions).
 
     Inference: yes (EDSR-baseline on a 128x128 input, measured ~10% faster than NCHW on a
-    2-core AVX2 EPYC). Training (forward + backward): only on AVX-512 CPUs, where channels-last
-    was adopted after measuring ~10% faster EDSR-baseline steps (an earlier session's 2-core
-    AVX-512 machine; not re-measured since); on the AVX2-only EPYC oneDNN's NHWC
-    backward is slower - EDSR-baseline + a 3x3 head, batch 16 of 48 px, forward + backward:
-    3.09 s channels-last vs 2.74 s NCHW (median of 3, alternating). Elsewhere (no flags to
-    read, other architectures) training keeps torch's default layout."""
+    2-core AVX2 EPYC). Training (forward + backward): where the Winograd training
+    convolutions are built (:func:`~.fused_cpu.winograd_library`; they work on NHWC), and on
+    AVX-512 CPUs, where channels-last was adopted after measuring ~10% faster EDSR-baseline
+    steps (an earlier session's 2-core AVX-512 machine); without them, on the AVX2-only EPYC
+    oneDNN's NHWC backward was slower - EDSR-baseline + a 3x3 head, batch 16 of 48 px,
+    forward + backward: 3.09 s channels-last vs 2.74 s NCHW (median of 3, alternating).
+    Elsewhere (no flags to read, other architectures) training keeps torch's default layout."""
     global _AVX512
     if not training:
         return True
     if _AVX512 is None:  # read once: this is asked every training step
         flags = cpu_flags()
         _AVX512 = flags is not None and 'avx512f' in flags
-    return _AVX512
+    return _AVX512 or fused_cpu.winograd_library() is not None
 
 
 _AVX512 = None

@@ -1,5 +1,5 @@
 /* Fused float32 CPU kernels for the implicit decoders (see fused_cpu.py): inference, and LTE's
- * feature in training.
+ * feature and the encoders' 3x3 convolutions in training.
  *
  * Compiled at first use for the machine it runs on (-march=native), loaded with ctypes.
  * Every kernel reads the latent-grid row table through the query's index itself, so the
@@ -16,6 +16,8 @@
  *   feature is never written out either.
  * ciisr_fourier_feature (+ _backward): LTE's Fourier feature alone, for training, with its
  *   gradients gathered per latent (ciisr_queries_by_latent) instead of scattered per query.
+ * ciisr_winograd_conv (+ _weight_grad): 3x3 convolutions for training, forward and
+ *   gradients, by Winograd's F(4x4, 3x3) (a quarter of the multiplications).
  * ciisr_basis_decode: A-LIIF's basis MLPs, mixed per query by coefficients, from the
  *   table of all bases' first-layer latent parts to the output. Every activation stays in
  *   registers or L1; the layer dimensions are compile-time constants (BASIS_* below,
@@ -585,6 +587,279 @@ void ciisr_fourier_feature_backward(int64_t t0, int64_t t1, int64_t half, const 
             fourier_backward_vector(t, j, half - j, half, coef, freq_y, freq_x, starts, order, rel, cell, phase_t,
                                     grad, grad_coef, grad_fy, grad_fx, grad_phase);
     }
+}
+
+
+/* ---- Winograd F(4x4, 3x3): training convolutions (3x3, stride 1, zero padding 1) ----
+ *
+ * Each 4x4 block of outputs ("tile") comes from the 6x6 input patch around it as
+ * Y = A^T [(G g G^T) . (B^T d B)] A: 36 products per channel pair instead of 144 (Lavin & Gray,
+ * 2016). Per block of WINO_TILES tiles the patches are transformed (V: 36 x tiles x channels),
+ * multiplied by the transformed weights at each of the 36 positions (MLP_ROWS x 2-vector
+ * register tiles, as the MLP kernel), and transformed back, all within L2. Inputs and outputs
+ * are NHWC (channels-last); channels are whole vectors (fused_cpu.py checks). The weight
+ * transform and its gradient's (tiny) are done by the caller. Rounding: a few times a direct
+ * convolution's (the transforms add and scale before the sums). */
+#define WINO_TILES (MLP_ROWS * 4)
+
+/* what fused_cpu.py needs to know of this build: channels must be whole vectors of this many
+ * floats, and the weight gradient's transform has its input channels padded to whole blocks */
+int ciisr_winograd_vector(void)
+{
+    return VEC;
+}
+
+int ciisr_winograd_rows(void)
+{
+    return MLP_ROWS;
+}
+
+static inline __attribute__((always_inline)) void wino_bt(const vec d0, const vec d1, const vec d2, const vec d3,
+                                                          const vec d4, const vec d5, vec *restrict o)
+{ /* B^T d for one column of a 6x6 patch */
+    o[0] = 4 * d0 - 5 * d2 + d4;
+    o[1] = d3 + d4 - 4 * (d1 + d2);
+    o[2] = d4 - d3 + 4 * (d1 - d2);
+    o[3] = d4 - d2 + 2 * (d3 - d1);
+    o[4] = d4 - d2 + 2 * (d1 - d3);
+    o[5] = 4 * d1 - 5 * d3 + d5;
+}
+
+static inline __attribute__((always_inline)) void wino_at(const vec m0, const vec m1, const vec m2, const vec m3,
+                                                          const vec m4, const vec m5, vec *restrict o)
+{ /* A^T m: 6 -> 4 */
+    const vec a = m1 + m2, b = m1 - m2, c = m3 + m4, d = m3 - m4;
+    o[0] = m0 + a + c;
+    o[1] = b + 2 * d;
+    o[2] = a + 4 * c;
+    o[3] = b + 8 * d + m5;
+}
+
+static inline __attribute__((always_inline)) void wino_a(const vec d0, const vec d1, const vec d2, const vec d3,
+                                                         vec *restrict o)
+{ /* A d: 4 -> 6 (the transpose of wino_at, for output gradients) */
+    o[0] = d0;
+    o[1] = d0 + d1 + d2 + d3;
+    o[2] = d0 - d1 + d2 - d3;
+    o[3] = d0 + 2 * d1 + 4 * d2 + 8 * d3;
+    o[4] = d0 - 2 * d1 + 4 * d2 - 8 * d3;
+    o[5] = d3;
+}
+
+/* m[r][0:nv vectors] = sum_k v[r][k] u[k][0:nv vectors] for MLP_ROWS rows (v rows cin apart,
+ * u and m rows cout apart): one register tile of a position's product */
+static inline __attribute__((always_inline)) void wino_product_tile(const int nv, const int64_t cin,
+                                                                    const int64_t cout, const float *restrict v,
+                                                                    const float *restrict u, float *restrict m)
+{
+    vec acc[MLP_ROWS][2];
+    const vec zero = {0};
+    for (int r = 0; r < MLP_ROWS; r++)
+        acc[r][0] = acc[r][1] = zero;
+#pragma GCC unroll 4
+    for (int64_t k = 0; k < cin; k++) {
+        const vec w0 = *(const vecu *)(u + k * cout);
+        const vec w1 = nv == 2 ? *(const vecu *)(u + k * cout + VEC) : w0;
+        for (int r = 0; r < MLP_ROWS; r++) {
+            const float a = v[r * cin + k];
+            acc[r][0] += a * w0;
+            if (nv == 2)
+                acc[r][1] += a * w1;
+        }
+    }
+    for (int r = 0; r < MLP_ROWS; r++)
+        for (int q = 0; q < nv; q++)
+            *(vec *)(m + r * cout + q * VEC) = acc[r][q];
+}
+
+/* du[r][0:nv vectors] += sum_t v[t][r] g[t][0:nv vectors] over the block's tiles, for
+ * MLP_ROWS input channels r (v rows cin apart, g and du rows cout apart) */
+static inline __attribute__((always_inline)) void wino_gradient_tile(const int nv, const int64_t cin,
+                                                                     const int64_t cout, const float *restrict v,
+                                                                     const float *restrict g, float *restrict du)
+{
+    vec acc[MLP_ROWS][2];
+    for (int r = 0; r < MLP_ROWS; r++)
+        for (int q = 0; q < nv; q++)
+            acc[r][q] = *(const vec *)(du + r * cout + q * VEC);
+#pragma GCC unroll 4
+    for (int t = 0; t < WINO_TILES; t++) {
+        const vec g0 = *(const vec *)(g + t * cout);
+        const vec g1 = nv == 2 ? *(const vec *)(g + t * cout + VEC) : g0;
+        for (int r = 0; r < MLP_ROWS; r++) {
+            const float a = v[t * cin + r];
+            acc[r][0] += a * g0;
+            if (nv == 2)
+                acc[r][1] += a * g1;
+        }
+    }
+    for (int r = 0; r < MLP_ROWS; r++)
+        for (int q = 0; q < nv; q++)
+            *(vec *)(du + r * cout + q * VEC) = acc[r][q];
+}
+
+struct wino_geometry {
+    int64_t h, w, tiles_x, tiles_per_image;
+};
+
+/* V[p][t][0:c] = (B^T d B)[p] of tile `tile`'s input patch, channels [0, c), stride ldv */
+static void wino_input_tile(const struct wino_geometry *geo, const int64_t tile, const int64_t c, const float *x,
+                            float *restrict v, const int64_t ldv)
+{
+    const int64_t img = tile / geo->tiles_per_image, r = tile % geo->tiles_per_image;
+    const int64_t y0 = r / geo->tiles_x * 4 - 1, x0 = r % geo->tiles_x * 4 - 1;
+    const float *xi = x + img * geo->h * geo->w * c;
+    const vec zero = {0};
+    for (int64_t k = 0; k < c; k += VEC) {
+        vec d[6][6], e[6][6], o[6];
+        for (int i = 0; i < 6; i++)
+            for (int j = 0; j < 6; j++) {
+                const int64_t yy = y0 + i, xx = x0 + j;
+                d[i][j] = yy >= 0 && yy < geo->h && xx >= 0 && xx < geo->w
+                              ? *(const vecu *)(xi + (yy * geo->w + xx) * c + k) : zero;
+            }
+        for (int j = 0; j < 6; j++) {
+            wino_bt(d[0][j], d[1][j], d[2][j], d[3][j], d[4][j], d[5][j], o);
+            for (int i = 0; i < 6; i++)
+                e[i][j] = o[i];
+        }
+        for (int i = 0; i < 6; i++) {
+            wino_bt(e[i][0], e[i][1], e[i][2], e[i][3], e[i][4], e[i][5], o);
+            for (int j = 0; j < 6; j++)
+                *(vec *)(v + (i * 6 + j) * WINO_TILES * ldv + k) = o[j];
+        }
+    }
+}
+
+/* y = conv(x, w) + bias for tiles [t0, t1) of the n images (h x w, NHWC), given the
+ * transformed weight u (36, cin, cout); bias may be NULL. Also the input gradient, with u of
+ * the flipped, transposed weight. Returns 2 when out of memory (nothing written). */
+int ciisr_winograd_conv(int64_t h, int64_t w, int64_t cin, int64_t cout, const float *x, const float *u,
+                        const float *bias, float *y, int64_t t0, int64_t t1)
+{
+    const struct wino_geometry geo = {h, w, (w + 3) / 4, ((h + 3) / 4) * ((w + 3) / 4)};
+    float *v = aligned_alloc(64, sizeof(float) * 36 * WINO_TILES * cin);
+    float *m = aligned_alloc(64, sizeof(float) * 36 * WINO_TILES * cout);
+    if (!v || !m) {
+        free(v);
+        free(m);
+        return 2;
+    }
+    const vec zero = {0};
+    for (int64_t b0 = t0; b0 < t1; b0 += WINO_TILES) {
+        const int64_t nb = t1 - b0 < WINO_TILES ? t1 - b0 : WINO_TILES;
+        for (int64_t t = 0; t < WINO_TILES; t++)
+            if (t < nb)
+                wino_input_tile(&geo, b0 + t, cin, x, v + t * cin, cin);
+            else /* rows past the last tile: zeros, computed and never written out */
+                for (int p = 0; p < 36; p++)
+                    memset(v + (p * WINO_TILES + t) * cin, 0, sizeof(float) * cin);
+        for (int p = 0; p < 36; p++) {
+            const float *restrict vp = v + p * WINO_TILES * cin, *restrict up = u + p * cin * cout;
+            float *restrict mp = m + p * WINO_TILES * cout;
+            int64_t s = 0;
+            for (; s + 2 * VEC <= cout; s += 2 * VEC)
+                for (int r0 = 0; r0 < WINO_TILES; r0 += MLP_ROWS)
+                    wino_product_tile(2, cin, cout, vp + r0 * cin, up + s, mp + r0 * cout + s);
+            if (s < cout)
+                for (int r0 = 0; r0 < WINO_TILES; r0 += MLP_ROWS)
+                    wino_product_tile(1, cin, cout, vp + r0 * cin, up + s, mp + r0 * cout + s);
+        }
+        for (int64_t t = 0; t < nb; t++) {
+            const int64_t tile = b0 + t, img = tile / geo.tiles_per_image, r = tile % geo.tiles_per_image;
+            const int64_t oy = r / geo.tiles_x * 4, ox = r % geo.tiles_x * 4;
+            float *yi = y + img * h * w * cout;
+            for (int64_t k = 0; k < cout; k += VEC) {
+                vec e[4][6], o[4];
+                for (int j = 0; j < 6; j++) {
+                    const float *mj = m + (j * WINO_TILES + t) * cout + k;
+                    wino_at(*(const vec *)mj, *(const vec *)(mj + 6 * WINO_TILES * cout),
+                            *(const vec *)(mj + 12 * WINO_TILES * cout), *(const vec *)(mj + 18 * WINO_TILES * cout),
+                            *(const vec *)(mj + 24 * WINO_TILES * cout), *(const vec *)(mj + 30 * WINO_TILES * cout), o);
+                    for (int i = 0; i < 4; i++)
+                        e[i][j] = o[i];
+                }
+                const vec bv = bias ? *(const vecu *)(bias + k) : zero;
+                for (int i = 0; i < 4 && oy + i < h; i++) {
+                    wino_at(e[i][0], e[i][1], e[i][2], e[i][3], e[i][4], e[i][5], o);
+                    for (int j = 0; j < 4 && ox + j < w; j++)
+                        *(vecu *)(yi + ((oy + i) * w + ox + j) * cout + k) = o[j] + bv;
+                }
+            }
+        }
+    }
+    free(v);
+    free(m);
+    return 0;
+}
+
+/* The weight gradient's transform, summed over tiles [t0, t1): du (36, cin_pad, cout) +=
+ * V^T dM per position, V of the input x and dM = A gy A^T of the output gradient gy (both
+ * NHWC); cin_pad: cin rounded up to whole MLP_ROWS (du's rows past cin get sums of
+ * whatever follows a tile's channels: the caller drops them). The caller turns du into the
+ * gradient (G^T du G). Returns 2 when out of memory. */
+int ciisr_winograd_weight_grad(int64_t h, int64_t w, int64_t cin, int64_t cout, const float *x, const float *gy,
+                               float *du, int64_t t0, int64_t t1)
+{
+    const struct wino_geometry geo = {h, w, (w + 3) / 4, ((h + 3) / 4) * ((w + 3) / 4)};
+    const int64_t cin_pad = (cin + MLP_ROWS - 1) / MLP_ROWS * MLP_ROWS;
+    const int64_t nv_floats = 36 * WINO_TILES * cin, slack = 64; /* the last row block reads past cin */
+    float *v = aligned_alloc(64, sizeof(float) * (nv_floats + slack));
+    float *m = aligned_alloc(64, sizeof(float) * 36 * WINO_TILES * cout);
+    if (!v || !m) {
+        free(v);
+        free(m);
+        return 2;
+    }
+    memset(v + nv_floats, 0, sizeof(float) * slack);
+    const vec zero = {0};
+    for (int64_t b0 = t0; b0 < t1; b0 += WINO_TILES) {
+        const int64_t nb = t1 - b0 < WINO_TILES ? t1 - b0 : WINO_TILES;
+        for (int64_t t = 0; t < WINO_TILES; t++) {
+            if (t >= nb) { /* past the last tile: zeros on both sides add nothing */
+                for (int p = 0; p < 36; p++) {
+                    memset(v + (p * WINO_TILES + t) * cin, 0, sizeof(float) * cin);
+                    memset(m + (p * WINO_TILES + t) * cout, 0, sizeof(float) * cout);
+                }
+                continue;
+            }
+            wino_input_tile(&geo, b0 + t, cin, x, v + t * cin, cin);
+            const int64_t tile = b0 + t, img = tile / geo.tiles_per_image, r = tile % geo.tiles_per_image;
+            const int64_t oy = r / geo.tiles_x * 4, ox = r % geo.tiles_x * 4;
+            const float *gi = gy + img * h * w * cout;
+            for (int64_t k = 0; k < cout; k += VEC) {
+                vec d[4][4], e[6][4], o[6];
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++)
+                        d[i][j] = oy + i < h && ox + j < w ? *(const vecu *)(gi + ((oy + i) * w + ox + j) * cout + k)
+                                                           : zero;
+                for (int j = 0; j < 4; j++) {
+                    wino_a(d[0][j], d[1][j], d[2][j], d[3][j], o);
+                    for (int i = 0; i < 6; i++)
+                        e[i][j] = o[i];
+                }
+                for (int i = 0; i < 6; i++) {
+                    wino_a(e[i][0], e[i][1], e[i][2], e[i][3], o);
+                    for (int j = 0; j < 6; j++)
+                        *(vec *)(m + ((i * 6 + j) * WINO_TILES + t) * cout + k) = o[j];
+                }
+            }
+        }
+        for (int p = 0; p < 36; p++) {
+            const float *restrict vp = v + p * WINO_TILES * cin, *restrict mp = m + p * WINO_TILES * cout;
+            float *restrict dup = du + p * cin_pad * cout;
+            int64_t s = 0;
+            for (; s + 2 * VEC <= cout; s += 2 * VEC)
+                for (int64_t r0 = 0; r0 < cin_pad; r0 += MLP_ROWS)
+                    wino_gradient_tile(2, cin, cout, vp + r0, mp + s, dup + r0 * cout + s);
+            if (s < cout)
+                for (int64_t r0 = 0; r0 < cin_pad; r0 += MLP_ROWS)
+                    wino_gradient_tile(1, cin, cout, vp + r0, mp + s, dup + r0 * cout + s);
+        }
+    }
+    free(v);
+    free(m);
+    return 0;
 }
 
 #endif /* HAS_MLP_KERNEL */

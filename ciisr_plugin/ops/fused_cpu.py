@@ -22,9 +22,11 @@ numbers (to float rounding, ~1e-7 relative), slower. Archs never call these kern
 they call :mod:`.query_decode`, which picks.
 
 The decoders use them in inference: float32 on CPU, autograd off, not tracing / exporting /
-compiling, no autocast. Training uses one, :func:`fourier_feature` (LTE's feature with its
-own backward), under the same conditions with autograd on. ``CIISR_FUSED_CPU=off`` (or
-:func:`set_enabled`) turns them all off, e.g. to compare.
+compiling, no autocast. Training uses two, under the same conditions with autograd on:
+:func:`fourier_feature` (LTE's feature with its own backward) and :func:`winograd_conv2d`
+(3x3 convolutions, forward and backward, by Winograd's F(4x4, 3x3); :mod:`.cpu_conv` routes
+the encoders' convolutions to it). ``CIISR_FUSED_CPU=off`` (or :func:`set_enabled`) turns
+them all off, e.g. to compare.
 """
 import concurrent.futures
 import ctypes
@@ -168,6 +170,12 @@ def _load(path):
         lib.ciisr_fourier_feature_backward.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                                        ptr, ptr, ptr]
         lib.ciisr_fourier_feature_backward.restype = None
+    if hasattr(lib, 'ciisr_winograd_conv'):
+        lib.ciisr_winograd_vector.restype = lib.ciisr_winograd_rows.restype = ctypes.c_int
+        lib.ciisr_winograd_conv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64]
+        lib.ciisr_winograd_conv.restype = ctypes.c_int
+        lib.ciisr_winograd_weight_grad.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, i64, i64]
+        lib.ciisr_winograd_weight_grad.restype = ctypes.c_int
     if hasattr(lib, 'ciisr_basis_decode'):
         lib.ciisr_basis_decode.argtypes = [i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
         lib.ciisr_basis_decode.restype = ctypes.c_int
@@ -199,6 +207,32 @@ def _self_check(lib):
     for got, want in zip(*fourier_training_case(lib, seed=2)):
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise KernelError('the compiled Fourier-feature training op disagrees with torch on a test case')
+    if hasattr(lib, 'ciisr_winograd_conv'):
+        for got, want in zip(*winograd_case(lib, seed=3)):
+            if not torch.allclose(got, want.float(), rtol=0, atol=1e-4 * want.abs().max().item()):
+                raise KernelError('the compiled Winograd convolution disagrees with torch on a test case')
+
+
+def winograd_case(lib, seed, n=2, channels=(2, 3), size=(9, 6), bias=True):
+    """``([output, grad_x, grad_w, grad_b] of the Winograd op, the same from float64
+    F.conv2d)`` for a random 3x3 convolution and output gradient; ``channels`` in vectors of
+    this build (by default 3 output vectors: a last register tile of one vector; input
+    channels not whole blocks of rows), ``size`` not whole 4x4 tiles."""
+    gen = torch.Generator().manual_seed(seed)
+    vec = lib.ciisr_winograd_vector()
+    cin, cout = channels[0] * vec, channels[1] * vec
+    x = torch.randn(n, cin, *size, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 3, 3, generator=gen) / (3 * cin**0.5)
+    b = torch.randn(cout, generator=gen) if bias else None
+    grad = torch.randn(n, cout, *size, generator=gen)
+    results = []
+    for conv, dtype in ((lambda *t: _WinogradConv.apply(lib, *t), torch.float32),
+                        (lambda *t: F.conv2d(*t, padding=1), torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, weight, *(() if b is None else (b, )))]
+        with torch.enable_grad():
+            out = conv(*leaves, *(() if b is not None else (None, )))
+            results.append([out.detach(), *torch.autograd.grad(out, leaves, grad.to(dtype))])
+    return results
 
 
 def _fourier_inputs(gen, half, rows, latents=5):
@@ -284,11 +318,15 @@ def library(defines=(), check=None):
 # ----------------------------------------------------------------------------------------------
 # calling
 def kernels_built():
-    """The kernels this CPU gets: ``{'mlp', 'basis'}`` on AVX-512, ``{'mlp'}`` on AVX2, else
-    none (see ``fused_cpu.c``: each is built only where it was measured faster than torch)."""
+    """The kernels this CPU gets: ``{'mlp', 'winograd', 'basis'}`` on AVX-512, ``{'mlp',
+    'winograd'}`` on AVX2, else none (see ``fused_cpu.c``: each is built only where it was
+    measured faster than torch)."""
     lib = library()
-    flags = lib.ciisr_kernels() if lib is not None else 0
-    return {name for bit, name in ((1, 'mlp'), (2, 'basis')) if flags & bit}
+    if lib is None:
+        return set()
+    flags = lib.ciisr_kernels()
+    built = {name for bit, name in ((1, 'mlp'), (2, 'basis')) if flags & bit}
+    return built | ({'winograd'} if hasattr(lib, 'ciisr_winograd_conv') else set())
 
 
 def _parts(m):
@@ -640,3 +678,124 @@ def fourier_feature(tables, index, rel_coord, rel_cell, phase_weight):
     if lib is None or not hasattr(lib, 'ciisr_fourier_feature'):
         return None
     return _FourierFeature.apply(lib, *tables, index, rel_coord, rel_cell, phase_weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Winograd 3x3 convolutions for training
+# F(4x4, 3x3)'s weight transform G (Lavin & Gray, 2016, with interpolation points 0, +-1, +-2,
+# infinity); the data and output transforms are written out in fused_cpu.c.
+_WINOGRAD_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                            [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
+# tiles (4x4 outputs) below which splitting a convolution across threads costs more than it saves
+_TILES_PER_THREAD = 64
+
+
+# (9, 36): row (a, b) of a 3x3 kernel to the 6x6 transform G g G^T, position (i, j) = G[i, a] G[j, b]
+_WINOGRAD_K = torch.einsum('ia,jb->abij', _WINOGRAD_G, _WINOGRAD_G).reshape(9, 36).float()
+
+
+def _winograd_weight(weight):
+    """(cout, cin, 3, 3) -> the transformed weight (36, cin, cout), G g G^T per channel pair."""
+    cout, cin = weight.shape[:2]
+    return weight.detach().reshape(-1, 9).mm(_WINOGRAD_K).t().reshape(36, cout, cin).transpose(1, 2).contiguous()
+
+
+def _tile_bounds(x):
+    n, _, h, w = x.shape
+    tiles = n * ((h + 3) // 4) * ((w + 3) // 4)
+    parts = max(1, min(torch.get_num_threads(), tiles // _TILES_PER_THREAD))
+    return [tiles * i // parts for i in range(parts + 1)]
+
+
+def _winograd_apply(lib, x, u, bias):
+    """conv(x, w) + bias, x channels-last contiguous float32, u = _winograd_weight(w)."""
+    n, cin, h, w = x.shape
+    cout = u.shape[2]
+    y = torch.empty(n, cout, h, w, memory_format=torch.channels_last)
+    bias_ptr = None if bias is None else bias.detach().contiguous().data_ptr()
+
+    def run(t0, t1):
+        return lib.ciisr_winograd_conv(h, w, cin, cout, x.data_ptr(), u.data_ptr(), bias_ptr, y.data_ptr(), t0, t1)
+
+    if any(_in_parallel(_tile_bounds(x), run)):
+        raise MemoryError('winograd_conv2d: cannot allocate the transform buffers')
+    return y
+
+
+def _winograd_weight_grad(lib, x, grad):
+    """The weight gradient (cout, cin, 3, 3) of conv(x, w) for the output gradient ``grad``
+    (both channels-last contiguous): per thread the transformed sum, then G^T (sum) G."""
+    n, cin, h, w = x.shape
+    cout = grad.shape[1]
+    rows = lib.ciisr_winograd_rows()
+    cin_pad = -(-cin // rows) * rows
+
+    def run(t0, t1):
+        du = torch.zeros(36, cin_pad, cout)
+        if lib.ciisr_winograd_weight_grad(h, w, cin, cout, x.data_ptr(), grad.data_ptr(), du.data_ptr(), t0, t1):
+            raise MemoryError('winograd_conv2d: cannot allocate the transform buffers')
+        return du
+
+    du = sum(_in_parallel(_tile_bounds(x), run))
+    # G^T du G per channel pair: the transpose of the weight's transform
+    return du[:, :cin].reshape(36, -1).t().mm(_WINOGRAD_K.t()).reshape(cin, cout, 3, 3).transpose(0, 1).contiguous()
+
+
+class _WinogradConv(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 weight, forward and backward by the
+    Winograd kernels; the output is channels-last."""
+
+    @staticmethod
+    def forward(ctx, lib, x, weight, bias):
+        x = x.contiguous(memory_format=torch.channels_last)
+        ctx.lib = lib
+        ctx.save_for_backward(x, weight)
+        return _winograd_apply(lib, x, _winograd_weight(weight), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        lib, grad = ctx.lib, grad.contiguous(memory_format=torch.channels_last)
+        need_x, need_w, need_b = ctx.needs_input_grad[1:4]
+        # the input gradient is the same convolution of the output gradient with the weight
+        # flipped and its channels swapped (stride 1, padding 1)
+        grad_x = _winograd_apply(lib, grad, _winograd_weight(weight.flip(2, 3).transpose(0, 1)), None) if need_x else None
+        grad_w = _winograd_weight_grad(lib, x, grad) if need_w else None
+        grad_b = grad.sum((0, 2, 3)) if need_b else None
+        return None, grad_x, grad_w, grad_b
+
+
+def winograd_library():
+    """The kernels with the Winograd convolutions, or None where they are not built."""
+    lib = library() if _ENABLED else None
+    return lib if lib is not None and hasattr(lib, 'ciisr_winograd_conv') else None
+
+
+def winograd_applies(x, weight, bias, stride, padding, dilation, groups):
+    """Whether :func:`winograd_conv2d` takes this convolution: autograd on (training), CPU
+    float32 eager, a 3x3 kernel with stride 1, zero padding 1, no dilation or groups, and
+    channels in whole vectors of the build (8 floats on AVX2, 16 on AVX-512)."""
+    if not (torch.is_grad_enabled() and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
+            and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
+            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+            and eager_cpu_float32(x, weight, *(() if bias is None else (bias, )))):
+        return False
+    lib = winograd_library()
+    if lib is None:
+        return False
+    vec = lib.ciisr_winograd_vector()
+    return x.shape[1] == weight.shape[1] and weight.shape[0] % vec == 0 and weight.shape[1] % vec == 0
+
+
+def winograd_conv2d(x, weight, bias=None):
+    """``F.conv2d(x, weight, bias, padding=1)`` (3x3, stride 1) with autograd, by Winograd's
+    F(4x4, 3x3) on the CPU: a quarter of the direct convolution's multiplications, in a
+    few transform passes that stay in cache. Output channels-last. Callers check
+    :func:`winograd_applies` first.
+
+    Rounding: the transforms add and scale values before the products, so results are a few
+    times a direct convolution's float32 rounding from the exact ones (relative ~1e-6 to 1e-5
+    of the output's scale), for values and gradients alike. Training only: inference keeps
+    the direct convolutions, whose outputs match the authors' code to ~1e-7."""
+    return _WinogradConv.apply(winograd_library(), x, weight, bias)

@@ -27,17 +27,20 @@ def test_bf16_matmul_support_agrees_with_onednn():
             torch.ops.mkldnn._linear_pointwise(x, w, None, 'none', [], '')
 
 
-@pytest.mark.parametrize('flags, trains_channels_last', [
-    ('fpu avx2 fma', False),  # AVX2-only: oneDNN's NHWC backward measured slower there
-    ('fpu avx2 avx512f avx512bw', True),
-    (None, False),  # no flags to read (not Linux x86): torch's default layout
+@pytest.mark.parametrize('flags, winograd, trains_channels_last', [
+    ('fpu avx2 fma', False, False),  # AVX2-only, no kernels: oneDNN's NHWC backward measured slower there
+    ('fpu avx2 fma', True, True),  # the Winograd training convolutions work on NHWC
+    ('fpu avx2 avx512f avx512bw', False, True),
+    (None, False, False),  # no flags to read (not Linux x86), no kernels: torch's default layout
 ])
-def test_the_encoder_layout_follows_the_cpu(tmp_path, monkeypatch, flags, trains_channels_last):
+def test_the_encoder_layout_follows_the_cpu(tmp_path, monkeypatch, flags, winograd, trains_channels_last):
+    from ciisr_plugin.ops import fused_cpu
     info = tmp_path / 'cpuinfo'
     if flags is not None:
         info.write_text(f'processor\t: 0\nflags\t\t: {flags}\n')
     monkeypatch.setattr(cpu_features, 'CPUINFO', str(info))
     monkeypatch.setattr(cpu_features, '_AVX512', None)
+    monkeypatch.setattr(fused_cpu, 'winograd_library', lambda: object() if winograd else None)
     assert cpu_features.channels_last_pays(training=False)
     assert cpu_features.channels_last_pays(training=True) is trains_channels_last
     # and the encoder input takes that layout

@@ -72,15 +72,15 @@ def _cpu_flags():
 def test_each_cpu_gets_the_kernels_measured_faster_there():
     flags = _cpu_flags()
     if 'avx512f' in flags:
-        assert _built() == {'mlp', 'basis'}
+        assert _built() == {'mlp', 'basis', 'winograd'}
     elif {'avx2', 'fma'} <= flags:
-        assert _built() == {'mlp'}
+        assert _built() == {'mlp', 'winograd'}
     elif flags:
         assert _built() == set()
 
 
 @pytest.mark.skipif(not HAS_COMPILER or platform.machine() not in ('x86_64', 'AMD64'), reason='x86 -march names')
-@pytest.mark.parametrize('march, built', [('haswell', {'mlp'}), ('x86-64-v2', set())])
+@pytest.mark.parametrize('march, built', [('haswell', {'mlp', 'winograd'}), ('x86-64-v2', set())])
 def test_builds_for_other_instruction_sets_decode_the_same(march, built, monkeypatch, tmp_path):
     # what a CPU without AVX-512 (AVX2) or without AVX2 (SSE4) gets, built here for that CPU:
     # only the kernels measured faster there, the rest on torch, the same numbers
@@ -98,6 +98,11 @@ def test_builds_for_other_instruction_sets_decode_the_same(march, built, monkeyp
     out = upscale_tiled(net, lq, (23, 19))
     assert calls['basis'] == 0 and (calls['mlp'] > 0) == ('mlp' in built)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    if 'winograd' in built:  # this build's vector width and register tile (8 floats, 6 rows on AVX2)
+        lib = fused_cpu.winograd_library()
+        for seed, kwargs in ((0, {}), (1, dict(n=3, channels=(8, 5), size=(17, 11), bias=False))):
+            for a, b in zip(*fused_cpu.winograd_case(lib, seed, **kwargs)):
+                assert (a.double() - b).abs().max() <= 3e-5 * b.abs().max()  # as tests/ops/test_cpu_conv.py
 
 
 # the MLP kernel itself (the decoders' torch path is tested wherever it is missing)
