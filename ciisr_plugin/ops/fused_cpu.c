@@ -672,9 +672,9 @@ static inline __attribute__((always_inline)) void wino_product_tile(const int nv
             *(vec *)(m + r * cout + q * VEC) = acc[r][q];
 }
 
-/* du[r][0:nv vectors] += sum_t v[t][r] g[t][0:nv vectors] over the block's tiles, for
+/* du[r][0:nv vectors] += sum_t v[t][r] g[t][0:nv vectors] over the block's nt tiles, for
  * MLP_ROWS input channels r (v rows cin apart, g and du rows cout apart) */
-static inline __attribute__((always_inline)) void wino_gradient_tile(const int nv, const int64_t cin,
+static inline __attribute__((always_inline)) void wino_gradient_tile(const int nv, const int nt, const int64_t cin,
                                                                      const int64_t cout, const float *restrict v,
                                                                      const float *restrict g, float *restrict du)
 {
@@ -683,7 +683,7 @@ static inline __attribute__((always_inline)) void wino_gradient_tile(const int n
         for (int q = 0; q < nv; q++)
             acc[r][q] = *(const vec *)(du + r * cout + q * VEC);
 #pragma GCC unroll 4
-    for (int t = 0; t < WINO_TILES; t++) {
+    for (int t = 0; t < nt; t++) {
         const vec g0 = *(const vec *)(g + t * cout);
         const vec g1 = nv == 2 ? *(const vec *)(g + t * cout + VEC) : g0;
         for (int r = 0; r < MLP_ROWS; r++) {
@@ -759,10 +759,10 @@ int ciisr_winograd_conv(int64_t h, int64_t w, int64_t cin, int64_t cout, const f
             float *restrict mp = m + p * WINO_TILES * cout;
             int64_t s = 0;
             for (; s + 2 * VEC <= cout; s += 2 * VEC)
-                for (int r0 = 0; r0 < WINO_TILES; r0 += MLP_ROWS)
+                for (int r0 = 0; r0 < nb; r0 += MLP_ROWS) /* a last partial block: its rows only */
                     wino_product_tile(2, cin, cout, vp + r0 * cin, up + s, mp + r0 * cout + s);
             if (s < cout)
-                for (int r0 = 0; r0 < WINO_TILES; r0 += MLP_ROWS)
+                for (int r0 = 0; r0 < nb; r0 += MLP_ROWS)
                     wino_product_tile(1, cin, cout, vp + r0 * cin, up + s, mp + r0 * cout + s);
         }
         for (int64_t t = 0; t < nb; t++) {
@@ -851,10 +851,10 @@ int ciisr_winograd_weight_grad(int64_t h, int64_t w, int64_t cin, int64_t cout, 
             int64_t s = 0;
             for (; s + 2 * VEC <= cout; s += 2 * VEC)
                 for (int64_t r0 = 0; r0 < cin_pad; r0 += MLP_ROWS)
-                    wino_gradient_tile(2, cin, cout, vp + r0, mp + s, dup + r0 * cout + s);
+                    wino_gradient_tile(2, (int)nb, cin, cout, vp + r0, mp + s, dup + r0 * cout + s);
             if (s < cout)
                 for (int64_t r0 = 0; r0 < cin_pad; r0 += MLP_ROWS)
-                    wino_gradient_tile(1, cin, cout, vp + r0, mp + s, dup + r0 * cout + s);
+                    wino_gradient_tile(1, (int)nb, cin, cout, vp + r0, mp + s, dup + r0 * cout + s);
         }
     }
     free(v);

@@ -688,6 +688,12 @@ _WINOGRAD_G = torch.tensor([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 
                             [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64)
 # tiles (4x4 outputs) below which splitting a convolution across threads costs more than it saves
 _TILES_PER_THREAD = 64
+# On AVX-512 (16-float vectors) oneDNN's direct convolution is fast enough that Winograd pays only
+# on larger convolutions: tiles x input x output channels at least this (2 cores of an AVX-512
+# EPYC, forward + backward against oneDNN: 16 x 48 px 64 -> 64 1.5-1.9x, 8 x 48 px 64 -> 64
+# 1.4x, 1 x 128 px 64 -> 64 1.4x; below it, 8 x 48 px 32 -> 32 0.9-1.1x, 1 x 48 px 64 -> 64
+# 0.7-0.8x). With 8-float vectors (AVX2) it was faster on every case measured (1.3-2.5x).
+_AVX512_MIN_WORK = 1 << 22
 
 
 # (9, 36): row (a, b) of a 3x3 kernel to the 6x6 transform G g G^T, position (i, j) = G[i, a] G[j, b]
@@ -700,9 +706,14 @@ def _winograd_weight(weight):
     return weight.detach().reshape(-1, 9).mm(_WINOGRAD_K).t().reshape(36, cout, cin).transpose(1, 2).contiguous()
 
 
-def _tile_bounds(x):
+def _tiles(x):
     n, _, h, w = x.shape
-    tiles = n * ((h + 3) // 4) * ((w + 3) // 4)
+    return n * ((h + 3) // 4) * ((w + 3) // 4)
+
+
+def _tile_bounds(x):
+    """``x``'s tiles split across the intra-op threads when there are enough of them."""
+    tiles = _tiles(x)
     parts = max(1, min(torch.get_num_threads(), tiles // _TILES_PER_THREAD))
     return [tiles * i // parts for i in range(parts + 1)]
 
@@ -766,16 +777,23 @@ class _WinogradConv(torch.autograd.Function):
         return None, grad_x, grad_w, grad_b
 
 
+# CIISR_WINOGRAD=off: train with oneDNN's direct convolutions (their float rounding) but keep
+# the other kernels
+_WINOGRAD = os.environ.get('CIISR_WINOGRAD', 'on').lower() not in ('off', '0', 'false', 'no')
+
+
 def winograd_library():
-    """The kernels with the Winograd convolutions, or None where they are not built."""
-    lib = library() if _ENABLED else None
+    """The kernels with the Winograd convolutions, or None where they are not built (or
+    switched off: ``CIISR_WINOGRAD=off``, or all kernels with ``CIISR_FUSED_CPU=off``)."""
+    lib = library() if _ENABLED and _WINOGRAD else None
     return lib if lib is not None and hasattr(lib, 'ciisr_winograd_conv') else None
 
 
 def winograd_applies(x, weight, bias, stride, padding, dilation, groups):
     """Whether :func:`winograd_conv2d` takes this convolution: autograd on (training), CPU
-    float32 eager, a 3x3 kernel with stride 1, zero padding 1, no dilation or groups, and
-    channels in whole vectors of the build (8 floats on AVX2, 16 on AVX-512)."""
+    float32 eager, a 3x3 kernel with stride 1, zero padding 1, no dilation or groups,
+    channels in whole vectors of the build (8 floats on AVX2, 16 on AVX-512) and, on
+    AVX-512, enough work to pay (see ``_AVX512_MIN_WORK``)."""
     if not (torch.is_grad_enabled() and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
             and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
             and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -785,7 +803,9 @@ def winograd_applies(x, weight, bias, stride, padding, dilation, groups):
     if lib is None:
         return False
     vec = lib.ciisr_winograd_vector()
-    return x.shape[1] == weight.shape[1] and weight.shape[0] % vec == 0 and weight.shape[1] % vec == 0
+    cout, cin = weight.shape[:2]
+    return (x.shape[1] == cin and cout % vec == 0 and cin % vec == 0
+            and (vec < 16 or _tiles(x) * cin * cout >= _AVX512_MIN_WORK))
 
 
 def winograd_conv2d(x, weight, bias=None):

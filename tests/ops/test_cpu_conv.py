@@ -142,6 +142,7 @@ def test_winograd_values_and_gradients_match_float64(n, channels, size, bias):
 
 @needs_winograd
 def test_winograd_route_in_training_only(monkeypatch):
+    monkeypatch.setattr(fused_cpu, '_AVX512_MIN_WORK', 0)  # small, on any build
     vec = WINOGRAD.ciisr_winograd_vector()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, vec, 7, 10, generator=gen)
@@ -195,10 +196,21 @@ def test_winograd_only_where_it_applies(case, monkeypatch):
 
 
 @needs_winograd
+def test_winograd_takes_small_convolutions_on_avx2_builds_only():
+    vec = WINOGRAD.ciisr_winograd_vector()
+    weight = torch.randn(64, 64, 3, 3, requires_grad=True)
+    geometry = ((1, 1), (1, 1), (1, 1), 1)
+    small, large = torch.randn(1, 64, 48, 48), torch.randn(8, 64, 48, 48)  # 144 and 1152 tiles
+    assert fused_cpu.winograd_applies(large, weight, None, *geometry)
+    assert fused_cpu.winograd_applies(small, weight, None, *geometry) == (vec == 8)
+
+
+@needs_winograd
 def test_encoder_trains_through_winograd(monkeypatch):
     """An EDSR-baseline-shaped encoder (head 3 -> C, then C -> C 3x3 convolutions): every body
     convolution takes the Winograd route, and its gradients agree with float64 F.conv2d's."""
     from ciisr_plugin.archs.implicit_query import build_encoder
+    monkeypatch.setattr(fused_cpu, '_AVX512_MIN_WORK', 0)  # small, on any build
     vec = WINOGRAD.ciisr_winograd_vector()
     torch.manual_seed(0)
     encoder = build_encoder({'type': 'EDSREncoder', 'num_block': 2, 'num_feat': vec})
