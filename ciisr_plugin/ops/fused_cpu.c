@@ -646,56 +646,34 @@ static inline __attribute__((always_inline)) void wino_a(const vec d0, const vec
     o[5] = d3;
 }
 
-/* m[r][0:nv vectors] = sum_k v[r][k] u[k][0:nv vectors] for MLP_ROWS rows (v rows cin apart,
- * u and m rows cout apart): one register tile of a position's product */
-static inline __attribute__((always_inline)) void wino_product_tile(const int nv, const int64_t cin,
-                                                                    const int64_t cout, const float *restrict v,
-                                                                    const float *restrict u, float *restrict m)
+/* c[r][0:nv vectors] (+)= sum_k a[r * ars + k * aks] b[k][0:nv vectors] for MLP_ROWS rows r and
+ * nk terms (b's rows ldb apart, c's ldc; accumulate: add to c instead of overwriting it): the
+ * register tile of the 36 products (rows: tiles, terms: input channels) and of the weight
+ * gradient's (rows: input channels, terms: tiles) */
+static inline __attribute__((always_inline)) void wino_tile(const int nv, const int64_t nk, const float *restrict a,
+                                                            const int64_t ars, const int64_t aks,
+                                                            const float *restrict b, const int64_t ldb,
+                                                            float *restrict c, const int64_t ldc, const int accumulate)
 {
     vec acc[MLP_ROWS][2];
     const vec zero = {0};
     for (int r = 0; r < MLP_ROWS; r++)
-        acc[r][0] = acc[r][1] = zero;
+        for (int q = 0; q < 2; q++)
+            acc[r][q] = accumulate && q < nv ? *(const vecu *)(c + r * ldc + q * VEC) : zero;
 #pragma GCC unroll 4
-    for (int64_t k = 0; k < cin; k++) {
-        const vec w0 = *(const vecu *)(u + k * cout);
-        const vec w1 = nv == 2 ? *(const vecu *)(u + k * cout + VEC) : w0;
+    for (int64_t k = 0; k < nk; k++) {
+        const vec b0 = *(const vecu *)(b + k * ldb);
+        const vec b1 = nv == 2 ? *(const vecu *)(b + k * ldb + VEC) : b0;
         for (int r = 0; r < MLP_ROWS; r++) {
-            const float a = v[r * cin + k];
-            acc[r][0] += a * w0;
+            const float x = a[r * ars + k * aks];
+            acc[r][0] += x * b0;
             if (nv == 2)
-                acc[r][1] += a * w1;
+                acc[r][1] += x * b1;
         }
     }
     for (int r = 0; r < MLP_ROWS; r++)
         for (int q = 0; q < nv; q++)
-            *(vec *)(m + r * cout + q * VEC) = acc[r][q];
-}
-
-/* du[r][0:nv vectors] += sum_t v[t][r] g[t][0:nv vectors] over the block's nt tiles, for
- * MLP_ROWS input channels r (v rows cin apart, g and du rows cout apart) */
-static inline __attribute__((always_inline)) void wino_gradient_tile(const int nv, const int nt, const int64_t cin,
-                                                                     const int64_t cout, const float *restrict v,
-                                                                     const float *restrict g, float *restrict du)
-{
-    vec acc[MLP_ROWS][2];
-    for (int r = 0; r < MLP_ROWS; r++)
-        for (int q = 0; q < nv; q++)
-            acc[r][q] = *(const vec *)(du + r * cout + q * VEC);
-#pragma GCC unroll 4
-    for (int t = 0; t < nt; t++) {
-        const vec g0 = *(const vec *)(g + t * cout);
-        const vec g1 = nv == 2 ? *(const vec *)(g + t * cout + VEC) : g0;
-        for (int r = 0; r < MLP_ROWS; r++) {
-            const float a = v[t * cin + r];
-            acc[r][0] += a * g0;
-            if (nv == 2)
-                acc[r][1] += a * g1;
-        }
-    }
-    for (int r = 0; r < MLP_ROWS; r++)
-        for (int q = 0; q < nv; q++)
-            *(vec *)(du + r * cout + q * VEC) = acc[r][q];
+            *(vecu *)(c + r * ldc + q * VEC) = acc[r][q];
 }
 
 struct wino_geometry {
@@ -760,10 +738,10 @@ int ciisr_winograd_conv(int64_t h, int64_t w, int64_t cin, int64_t cout, const f
             int64_t s = 0;
             for (; s + 2 * VEC <= cout; s += 2 * VEC)
                 for (int r0 = 0; r0 < nb; r0 += MLP_ROWS) /* a last partial block: its rows only */
-                    wino_product_tile(2, cin, cout, vp + r0 * cin, up + s, mp + r0 * cout + s);
+                    wino_tile(2, cin, vp + r0 * cin, cin, 1, up + s, cout, mp + r0 * cout + s, cout, 0);
             if (s < cout)
                 for (int r0 = 0; r0 < nb; r0 += MLP_ROWS)
-                    wino_product_tile(1, cin, cout, vp + r0 * cin, up + s, mp + r0 * cout + s);
+                    wino_tile(1, cin, vp + r0 * cin, cin, 1, up + s, cout, mp + r0 * cout + s, cout, 0);
         }
         for (int64_t t = 0; t < nb; t++) {
             const int64_t tile = b0 + t, img = tile / geo.tiles_per_image, r = tile % geo.tiles_per_image;
@@ -851,10 +829,10 @@ int ciisr_winograd_weight_grad(int64_t h, int64_t w, int64_t cin, int64_t cout, 
             int64_t s = 0;
             for (; s + 2 * VEC <= cout; s += 2 * VEC)
                 for (int64_t r0 = 0; r0 < cin_pad; r0 += MLP_ROWS)
-                    wino_gradient_tile(2, (int)nb, cin, cout, vp + r0, mp + s, dup + r0 * cout + s);
+                    wino_tile(2, nb, vp + r0, 1, cin, mp + s, cout, dup + r0 * cout + s, cout, 1);
             if (s < cout)
                 for (int64_t r0 = 0; r0 < cin_pad; r0 += MLP_ROWS)
-                    wino_gradient_tile(1, (int)nb, cin, cout, vp + r0, mp + s, dup + r0 * cout + s);
+                    wino_tile(1, nb, vp + r0, 1, cin, mp + s, cout, dup + r0 * cout + s, cout, 1);
         }
     }
     free(v);
