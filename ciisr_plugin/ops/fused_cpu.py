@@ -723,10 +723,11 @@ def _winograd_apply(lib, x, u, bias):
     n, cin, h, w = x.shape
     cout = u.shape[2]
     y = torch.empty(n, cout, h, w, memory_format=torch.channels_last)
-    bias_ptr = None if bias is None else bias.detach().contiguous().data_ptr()
+    bias = None if bias is None else bias.detach().contiguous()  # kept alive while the kernel reads it
 
     def run(t0, t1):
-        return lib.ciisr_winograd_conv(h, w, cin, cout, x.data_ptr(), u.data_ptr(), bias_ptr, y.data_ptr(), t0, t1)
+        return lib.ciisr_winograd_conv(h, w, cin, cout, x.data_ptr(), u.data_ptr(),
+                                       None if bias is None else bias.data_ptr(), y.data_ptr(), t0, t1)
 
     if any(_in_parallel(_tile_bounds(x), run)):
         raise MemoryError('winograd_conv2d: cannot allocate the transform buffers')

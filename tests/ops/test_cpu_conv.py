@@ -196,6 +196,31 @@ def test_winograd_only_where_it_applies(case, monkeypatch):
 
 
 @needs_winograd
+def test_winograd_reads_strided_weights_and_biases(monkeypatch):
+    # LIIF's latent convolution is a view of a wider first layer; a bias may be a strided view too
+    monkeypatch.setattr(fused_cpu, '_AVX512_MIN_WORK', 0)
+    vec = WINOGRAD.ciisr_winograd_vector()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, vec, 9, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    wide = torch.randn(2 * vec, 2 * vec, 3, 3, generator=gen, requires_grad=True)
+    both = torch.randn(4 * vec, generator=gen, requires_grad=True)
+    weight, bias = wide[:, :vec], both[::2]
+    assert not weight.is_contiguous() and not bias.is_contiguous()
+    calls = []
+    original = fused_cpu._WinogradConv.forward
+    monkeypatch.setattr(fused_cpu._WinogradConv, 'forward', staticmethod(lambda *a: calls.append(1) or original(*a)))
+    out = cpu_conv.conv2d(x, weight, bias, padding=1)
+    assert calls == [1]
+    out.square().sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (wide, both)]
+    want = F.conv2d(x.double(), leaves[0][:, :vec], leaves[1][::2], padding=1)
+    want.square().sum().backward()
+    _close_to_scale(out.detach(), want.detach(), 'output')
+    _close_to_scale(wide.grad, leaves[0].grad, 'grad_w')
+    _close_to_scale(both.grad, leaves[1].grad, 'grad_b')
+
+
+@needs_winograd
 def test_winograd_takes_small_convolutions_on_avx2_builds_only():
     vec = WINOGRAD.ciisr_winograd_vector()
     weight = torch.randn(64, 64, 3, 3, requires_grad=True)
