@@ -54,22 +54,19 @@ class _SummedBiasConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _summed_bias_pays(x, weight, bias, padding):
-    return (bias is not None and torch.is_grad_enabled() and x.dim() == 4 and not isinstance(padding, str)
-            and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-            and x.is_contiguous(memory_format=torch.channels_last) and eager_cpu_float32(x, weight, bias))
-
-
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """``F.conv2d``; in CPU float32 training, 3x3 convolutions by Winograd's algorithm where
-    :func:`~.fused_cpu.winograd_applies`, other channels-last ones through
+    :func:`~.fused_cpu.winograd_applies`, other channels-last ones with a bias through
     :class:`_SummedBiasConv`."""
-    if not isinstance(padding, str):
-        geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
-        if fused_cpu.winograd_applies(x, weight, bias, *geometry):
-            return fused_cpu.winograd_conv2d(x, weight, bias)
-        if _summed_bias_pays(x, weight, bias, padding):
-            return _SummedBiasConv.apply(x, weight, bias, *geometry)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if (isinstance(padding, str) or x.dim() != 4 or not torch.is_grad_enabled()
+            or not any(t.requires_grad for t in tensors) or not eager_cpu_float32(*tensors)):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    geometry = (_pair(stride), _pair(padding), _pair(dilation), groups)
+    if fused_cpu.winograd_applies(x, weight, *geometry):
+        return fused_cpu.winograd_conv2d(x, weight, bias)
+    if bias is not None and x.is_contiguous(memory_format=torch.channels_last):
+        return _SummedBiasConv.apply(x, weight, bias, *geometry)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 

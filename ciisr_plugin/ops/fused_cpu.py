@@ -790,15 +790,13 @@ def winograd_library():
     return lib if lib is not None and hasattr(lib, 'ciisr_winograd_conv') else None
 
 
-def winograd_applies(x, weight, bias, stride, padding, dilation, groups):
-    """Whether :func:`winograd_conv2d` takes this convolution: autograd on (training), CPU
-    float32 eager, a 3x3 kernel with stride 1, zero padding 1, no dilation or groups,
-    channels in whole vectors of the build (8 floats on AVX2, 16 on AVX-512) and, on
-    AVX-512, enough work to pay (see ``_AVX512_MIN_WORK``)."""
-    if not (torch.is_grad_enabled() and x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3)
-            and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
-            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-            and eager_cpu_float32(x, weight, *(() if bias is None else (bias, )))):
+def winograd_applies(x, weight, stride, padding, dilation, groups):
+    """Whether :func:`winograd_conv2d` takes this convolution of CPU float32 training (the
+    caller, :func:`.cpu_conv.conv2d`, has checked that): a 3x3 kernel with stride 1, zero
+    padding 1, no dilation or groups, channels in whole vectors of the build (8 floats on
+    AVX2, 16 on AVX-512) and, on AVX-512, enough work to pay (see ``_AVX512_MIN_WORK``)."""
+    if not (tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(padding) == (1, 1)
+            and tuple(dilation) == (1, 1) and groups == 1):
         return False
     lib = winograd_library()
     if lib is None:

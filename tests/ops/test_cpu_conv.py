@@ -226,8 +226,8 @@ def test_winograd_takes_small_convolutions_on_avx2_builds_only():
     weight = torch.randn(64, 64, 3, 3, requires_grad=True)
     geometry = ((1, 1), (1, 1), (1, 1), 1)
     small, large = torch.randn(1, 64, 48, 48), torch.randn(8, 64, 48, 48)  # 144 and 1152 tiles
-    assert fused_cpu.winograd_applies(large, weight, None, *geometry)
-    assert fused_cpu.winograd_applies(small, weight, None, *geometry) == (vec == 8)
+    assert fused_cpu.winograd_applies(large, weight, *geometry)
+    assert fused_cpu.winograd_applies(small, weight, *geometry) == (vec == 8)
 
 
 @needs_winograd
