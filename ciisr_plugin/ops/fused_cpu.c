@@ -680,12 +680,23 @@ struct wino_geometry {
     int64_t h, w, tiles_x, tiles_per_image;
 };
 
+/* tile `tile`'s image and the top-left pixel of its 4x4 outputs */
+static inline void wino_tile_origin(const struct wino_geometry *geo, const int64_t tile, int64_t *img, int64_t *oy,
+                                    int64_t *ox)
+{
+    const int64_t r = tile % geo->tiles_per_image;
+    *img = tile / geo->tiles_per_image;
+    *oy = r / geo->tiles_x * 4;
+    *ox = r % geo->tiles_x * 4;
+}
+
 /* V[p][t][0:c] = (B^T d B)[p] of tile `tile`'s input patch, channels [0, c), stride ldv */
 static void wino_input_tile(const struct wino_geometry *geo, const int64_t tile, const int64_t c, const float *x,
                             float *restrict v, const int64_t ldv)
 {
-    const int64_t img = tile / geo->tiles_per_image, r = tile % geo->tiles_per_image;
-    const int64_t y0 = r / geo->tiles_x * 4 - 1, x0 = r % geo->tiles_x * 4 - 1;
+    int64_t img, oy, ox;
+    wino_tile_origin(geo, tile, &img, &oy, &ox);
+    const int64_t y0 = oy - 1, x0 = ox - 1; /* the patch reaches one pixel past the outputs */
     const float *xi = x + img * geo->h * geo->w * c;
     const vec zero = {0};
     for (int64_t k = 0; k < c; k += VEC) {
@@ -744,8 +755,8 @@ int ciisr_winograd_conv(int64_t h, int64_t w, int64_t cin, int64_t cout, const f
                     wino_tile(1, cin, vp + r0 * cin, cin, 1, up + s, cout, mp + r0 * cout + s, cout, 0);
         }
         for (int64_t t = 0; t < nb; t++) {
-            const int64_t tile = b0 + t, img = tile / geo.tiles_per_image, r = tile % geo.tiles_per_image;
-            const int64_t oy = r / geo.tiles_x * 4, ox = r % geo.tiles_x * 4;
+            int64_t img, oy, ox;
+            wino_tile_origin(&geo, b0 + t, &img, &oy, &ox);
             float *yi = y + img * h * w * cout;
             for (int64_t k = 0; k < cout; k += VEC) {
                 vec e[4][6], o[4];
@@ -794,16 +805,14 @@ int ciisr_winograd_weight_grad(int64_t h, int64_t w, int64_t cin, int64_t cout, 
     for (int64_t b0 = t0; b0 < t1; b0 += WINO_TILES) {
         const int64_t nb = t1 - b0 < WINO_TILES ? t1 - b0 : WINO_TILES;
         for (int64_t t = 0; t < WINO_TILES; t++) {
-            if (t >= nb) { /* past the last tile: zeros on both sides add nothing */
-                for (int p = 0; p < 36; p++) {
+            if (t >= nb) { /* past the last tile: only read as the padding rows' finite garbage */
+                for (int p = 0; p < 36; p++)
                     memset(v + (p * WINO_TILES + t) * cin, 0, sizeof(float) * cin);
-                    memset(m + (p * WINO_TILES + t) * cout, 0, sizeof(float) * cout);
-                }
                 continue;
             }
             wino_input_tile(&geo, b0 + t, cin, x, v + t * cin, cin);
-            const int64_t tile = b0 + t, img = tile / geo.tiles_per_image, r = tile % geo.tiles_per_image;
-            const int64_t oy = r / geo.tiles_x * 4, ox = r % geo.tiles_x * 4;
+            int64_t img, oy, ox;
+            wino_tile_origin(&geo, b0 + t, &img, &oy, &ox);
             const float *gi = gy + img * h * w * cout;
             for (int64_t k = 0; k < cout; k += VEC) {
                 vec d[4][4], e[6][4], o[6];
